@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The device check: run from the repository root on a machine with a CUDA GPU
+# (no network needed; python3 there must have cupy, numpy, scipy, pytest,
+# hypothesis, and torch for the cuDNN yardstick). Under 8 minutes on one H200.
+#
+#   bash bench/device_check.sh RESULTS_DIR
+#
+# Writes to RESULTS_DIR (8 files): environment.txt, gpu_tests.log,
+# sanitizer_memcheck.log, sanitizer_racecheck.log, bench_ops.log, ops.json and
+# ops.md (timings), summary.md (what passed, and the timing table).
+set -u
+out=${1:?usage: bash bench/device_check.sh RESULTS_DIR}
+mkdir -p "$out"
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+export PYTHONPATH="$root/src:$root/bench:$root/tests${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+status=0
+steps=$(mktemp)
+
+{
+  date -u +"%Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+  python3 -c "import sys, numpy, scipy, cupy; print('python', sys.version.split()[0]); print('numpy', numpy.__version__, 'scipy', scipy.__version__, 'cupy', cupy.__version__, 'cuda runtime', cupy.cuda.runtime.runtimeGetVersion())"
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
+  nvcc --version 2>&1 | tail -1
+  git -C "$root" rev-parse HEAD 2>/dev/null || true
+} > "$out/environment.txt" 2>&1
+cat "$out/environment.txt"
+
+step() {  # step NAME TIMEOUT CMD...: run, log, record pass/fail
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  local verdict=PASS; [ $rc -eq 0 ] || { verdict="FAIL (exit $rc)"; status=1; }
+  echo "| $name | $verdict | $((SECONDS - t0)) s |" | tee -a "$steps"
+  tail -n 3 "$out/$name.log"
+}
+echo "| step | result | time |" > "$steps"
+echo "|---|---|---|" >> "$steps"
+
+step gpu_tests 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+step sanitizer_memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py
+step sanitizer_racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
+step bench_ops 180 python3 bench/bench_ops.py --device-check --out "$out/ops.json" --markdown "$out/ops.md"
+
+{
+  echo "# Device check"
+  echo
+  echo '```'
+  cat "$out/environment.txt"
+  echo '```'
+  echo
+  cat "$steps"
+  echo
+  grep -E "passed|failed" "$out/gpu_tests.log" | tail -n 1
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out"/sanitizer_*.log
+  echo
+  [ -f "$out/ops.md" ] && cat "$out/ops.md"
+} > "$out/summary.md"
+exit $status

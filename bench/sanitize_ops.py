@@ -1,0 +1,44 @@
+"""Calls every kernel once on small CuPy inputs, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck  --error-exitcode 9 python3 bench/sanitize_ops.py
+    compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
+
+Covers float32 and float64, all four corners, groups 1 and C, unit and
+stored diagonals, the shared-memory path of the solves and (1x1x256x256
+float32: a 256 KiB slice) their global-memory path. Needs tests/ on PYTHONPATH.
+"""
+import cupy
+import numpy as np
+
+import invconv
+from support import make_weight  # tests/support.py: well-conditioned weights
+
+CASES = [  # (B, C, H, W, k, groups)
+    (2, 4, 9, 7, 3, 1), (3, 6, 5, 8, 2, 3), (1, 1, 1, 1, 3, 1), (1, 1, 256, 256, 3, 1),
+]
+
+
+def main():
+    rng = np.random.default_rng(0)
+    n = 0
+    for dtype in (np.float32, np.float64):
+        for (B, C, H, W, k, groups), corner in zip(CASES * 2, invconv.CORNERS * 2):
+            if H == 256 and dtype == np.float64:
+                continue
+            unit = bool(n % 2)
+            w = cupy.asarray(make_weight(rng, C, groups, k, k, corner, unit, dtype))
+            x = cupy.asarray(rng.standard_normal((B, C, H, W)).astype(dtype))
+            opts = dict(corner=corner, groups=groups, unit_diagonal=unit)
+            y = invconv.conv2d(x, w, **opts)
+            x2 = invconv.inv_conv2d(y, w, **opts)
+            invconv.conv2d_vjp(x, x, w, **opts)
+            invconv.inv_conv2d_vjp(x, x2, w, **opts)
+            err = float(cupy.abs(x2 - x).max())
+            assert err < (1e-3 if dtype == np.float32 else 1e-9), (B, C, H, W, err)
+            n += 1
+    cupy.cuda.Device().synchronize()
+    print(f"sanitize_ops: {n} cases, every kernel called")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+// Backward direction: the adjoints M^T g and M^-T g, and the weight gradient
+// shared by both vector-Jacobian products.
+//
+// Arrays are contiguous (B, C, H, W); weight is contiguous (C, C/G, kh, kw).
+// Shape arguments as in forward.cu (see ConvShape in common.cuh).
+#include "common.cuh"
+
+// grad_x[b, i, h, w] = sum_{o in group, du, dv} W_eff[o, il, du, dv] * g[b, o, h + rs*du, w + cs*dv]
+// (a correlation with the flipped, channel-transposed kernel and the
+// opposite padding). One thread per element, one launch.
+template <typename T>
+__global__ void masked_conv_adjoint(const T* __restrict__ g, const T* __restrict__ w,
+                                    T* __restrict__ gx, int B, int C, int H, int W, int G,
+                                    int kh, int kw, int rs, int cs, int unit) {
+    const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
+    const long long total = (long long)B * C * s.hw();
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int col = (int)(e % W);
+        const int row = (int)((e / W) % H);
+        const long long bi = e / s.hw();
+        const int i = (int)(bi % C);
+        const int il = i % s.cg;
+        const int o0 = i - il;  // first channel of the group
+        const T* gg = g + (bi - il) * s.hw();
+        T acc = T(0);
+        for (int du = 0; du < kh; ++du) {
+            const int th = row + rs * du;
+            if (th < 0 || th >= H) continue;
+            for (int dv = 0; dv < kw; ++dv) {
+                const int tw = col + cs * dv;
+                if (tw < 0 || tw >= W) continue;
+                const T* gp = gg + (long long)th * W + tw;
+                for (int ol = 0; ol < s.cg; ++ol)
+                    acc += ic_weight(w, s, o0 + ol, il, du, dv) * gp[ol * s.hw()];
+            }
+        }
+        gx[e] = acc;
+    }
+}
+
+// grad_y = M^-T grad_x = L^-T (I + N'^T)^-1 grad_x, with the scratch of
+// inv_conv_lower_inverse and inv_conv_fold_taps. One block per (image, group) walks the anti-diagonals in
+// reverse:  g_hat_q = grad_x_q - sum_{off != 0} K'^T_off g_hat_{q + off},
+// then grad_y_q = L^-T g_hat_q. Shared memory as in inv_conv_solve.
+template <typename T>
+__global__ void inv_conv_solve_adjoint(const T* __restrict__ gx, const T* __restrict__ prep,
+                                       T* __restrict__ gy, int B, int C, int H, int W, int G,
+                                       int kh, int kw, int rs, int cs, int unit,
+                                       int kp_in_smem, int slice_in_smem) {
+    const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
+    IC_DYNAMIC_SHARED(T, smem);
+    const int g = blockIdx.x % G;
+    const int cg = s.cg;
+    const long long hw = s.hw();
+    const long long slice_offset = (long long)blockIdx.x * cg * hw;
+    const long long nkp = (long long)kh * kw * cg * cg;
+
+    const T* kp = prep + ic_prep_slot(s, g, 0);
+    if (kp_in_smem) {
+        for (long long e = threadIdx.x; e < nkp; e += blockDim.x) smem[e] = kp[e];
+        kp = smem;
+    }
+    T* work = slice_in_smem ? smem + (kp_in_smem ? nkp : 0) : gy + slice_offset;
+    for (long long e = threadIdx.x; e < cg * hw; e += blockDim.x)
+        work[e] = gx[slice_offset + e];
+    __syncthreads();
+
+    for (int d = H + W - 2; d >= 0; --d) {
+        const int rmin = d - (W - 1) > 0 ? d - (W - 1) : 0;
+        const int rmax = d < H - 1 ? d : H - 1;
+        const int npix = rmax - rmin + 1;
+        for (int e = threadIdx.x; e < npix * cg; e += blockDim.x) {
+            const int i = e / npix;
+            const int r = rmin + e % npix;
+            const int c = d - r;
+            const int h = rs > 0 ? r : H - 1 - r;
+            const int col = cs > 0 ? c : W - 1 - c;
+            const long long idx = i * hw + (long long)h * W + col;
+            T acc = work[idx];
+            const int dumax = H - 1 - r < kh - 1 ? H - 1 - r : kh - 1;
+            const int dvmax = W - 1 - c < kw - 1 ? W - 1 - c : kw - 1;
+            for (int du = 0; du <= dumax; ++du) {
+                for (int dv = du == 0 ? 1 : 0; dv <= dvmax; ++dv) {
+                    const T* k = kp + (du * kw + dv) * cg * cg + i;  // column i of K'_off
+                    const T* src = work + (long long)(h + rs * du) * W + (col + cs * dv);
+                    for (int o = 0; o < cg; ++o) acc -= k[o * cg] * src[o * hw];
+                }
+            }
+            work[idx] = acc;
+        }
+        __syncthreads();
+    }
+
+    // grad_y_q[i] = sum_{o >= i} L^-1[o, i] g_hat_q[o], one thread per pixel.
+    // Ascending i reads only g_hat entries not yet overwritten, so this is
+    // safe in place (work == gy) as well as from shared memory.
+    T* out = gy + slice_offset;
+    for (long long p = threadIdx.x; p < hw; p += blockDim.x) {
+        for (int i = 0; i < cg; ++i) {
+            T acc = T(0);
+            for (int o = i; o < cg; ++o) acc += kp[o * cg + i] * work[o * hw + p];
+            out[i * hw + p] = acc;
+        }
+    }
+}
+
+// Weight gradient, stage 1 of 2: block (pair, split) with pair = o*cg + il
+// sums grad_out[b, o, h, w] * x[b, g*cg + il, h - rs*du, w - cs*dv] over its
+// share of the (b, h, w) range, for IC_WG_TAPS offsets at a time, and writes
+// one partial per weight entry: partial[split][pair][du*kw + dv].
+#define IC_WG_TAPS 9
+template <typename T>
+__global__ void conv_weight_grad_partial(const T* __restrict__ gout, const T* __restrict__ x,
+                                         T* __restrict__ partial, int B, int C, int H, int W,
+                                         int G, int kh, int kw, int rs, int cs, int unit) {
+    const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
+    IC_DYNAMIC_SHARED(T, red);  // blockDim.x * IC_WG_TAPS partial sums
+    const int pair = blockIdx.x;
+    const int o = pair / s.cg, il = pair % s.cg;
+    const int i = (o / s.cg) * s.cg + il;
+    const long long hw = s.hw();
+    const long long n = (long long)B * hw;
+    const long long chunk = (n + gridDim.y - 1) / gridDim.y;
+    const long long begin = blockIdx.y * chunk;
+    const long long end = begin + chunk < n ? begin + chunk : n;
+    const int ntaps = kh * kw;
+
+    for (int t0 = 0; t0 < ntaps; t0 += IC_WG_TAPS) {
+        T acc[IC_WG_TAPS];
+        for (int t = 0; t < IC_WG_TAPS; ++t) acc[t] = T(0);
+        for (long long e = begin + threadIdx.x; e < end; e += blockDim.x) {
+            const long long b = e / hw;
+            const int p = (int)(e % hw);
+            const int row = p / W, col = p % W;
+            const T gv = gout[(b * C + o) * hw + p];
+            const T* xi = x + (b * C + i) * hw;
+            for (int t = 0; t < IC_WG_TAPS && t0 + t < ntaps; ++t) {
+                const int du = (t0 + t) / kw, dv = (t0 + t) % kw;
+                const int sh = row - rs * du, sw = col - cs * dv;
+                if (sh >= 0 && sh < H && sw >= 0 && sw < W)
+                    acc[t] += gv * xi[(long long)sh * W + sw];
+            }
+        }
+        for (int t = 0; t < IC_WG_TAPS; ++t) red[t * blockDim.x + threadIdx.x] = acc[t];
+        __syncthreads();
+        // Tree over any block size: fold the upper part onto the lower.
+        for (int active = blockDim.x; active > 1;) {
+            const int half = (active + 1) / 2;
+            if (threadIdx.x < active - half)
+                for (int t = 0; t < IC_WG_TAPS; ++t)
+                    red[t * blockDim.x + threadIdx.x] += red[t * blockDim.x + threadIdx.x + half];
+            active = half;
+            __syncthreads();
+        }
+        if (threadIdx.x == 0)
+            for (int t = 0; t < IC_WG_TAPS && t0 + t < ntaps; ++t)
+                partial[((long long)blockIdx.y * C * s.cg + pair) * ntaps + t0 + t] = red[t * blockDim.x];
+        __syncthreads();
+    }
+}
+
+// Weight gradient, stage 2 of 2: grad_w[o, il, u, v] = scale * sum over
+// splits, exactly 0 at ignored entries; one thread per weight entry.
+template <typename T>
+__global__ void conv_weight_grad_combine(const T* __restrict__ partial, T* __restrict__ gw,
+                                         int nsplit, T scale, int C, int G, int kh, int kw,
+                                         int rs, int cs, int unit) {
+    const ConvShape s(1, C, 1, 1, G, kh, kw, rs, cs, unit);
+    const int ntaps = kh * kw;
+    const long long n = (long long)C * s.cg * ntaps;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int pair = (int)(e / ntaps);
+        const int tap = (int)(e % ntaps);
+        const int du = tap / kw, dv = tap % kw;
+        const int u = s.tap_u(du), v = s.tap_v(dv);
+        const int o = pair / s.cg, il = pair % s.cg;
+        T acc = T(0);
+        for (int k = 0; k < nsplit; ++k) acc += partial[(long long)k * n + e];
+        gw[((long long)pair * kh + u) * kw + v] = ic_ignored(s, o, il, u, v) ? T(0) : scale * acc;
+    }
+}

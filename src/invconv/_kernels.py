@@ -1,0 +1,185 @@
+"""How each op launches the kernels in ``kernels/``: one plan, two runtimes.
+
+:class:`KernelOps` holds the launch plans (grid, block, shared memory and
+arguments of every kernel) once.  The CUDA backend (:mod:`invconv._cuda`)
+gives it CuPy and ``cupy.RawModule``; the emulator backend
+(:mod:`invconv._emulated`) gives it NumPy and the CPU emulator's
+``EmulatedModule``, which has the same call shape.  So the emulator tests
+exercise the very plans and sources the GPU runs.
+
+Launch counts are fixed, whatever the image size: conv2d 1, its adjoint 1,
+inverse 3 (two to prepare the folded taps, one wavefront), inverse
+adjoint 3, weight gradient 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import pathlib
+
+import numpy as np
+
+from ._api import Conv
+
+# Kernel templates per source file, instantiated for each float type.
+KERNELS = {
+    "forward.cu": ("masked_conv_forward", "inv_conv_lower_inverse", "inv_conv_fold_taps",
+                   "inv_conv_solve"),
+    "backward.cu": ("masked_conv_adjoint", "inv_conv_solve_adjoint",
+                    "conv_weight_grad_partial", "conv_weight_grad_combine"),
+}
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+WG_TAPS = 9  # IC_WG_TAPS in backward.cu: partial sums per thread in the weight gradient
+
+
+def template_name(kernel: str, dtype) -> str:
+    """``"inv_conv_solve<float>"``: the name expression of one instantiation."""
+    return f"{kernel}<{_CTYPES[np.dtype(dtype)]}>"
+
+
+def name_expressions(source: str) -> list[str]:
+    return [template_name(k, t) for k in KERNELS[source] for t in _CTYPES]
+
+
+def kernel_dir() -> pathlib.Path:
+    """The folder of the .cu sources: inside the installed package, or the
+    repository's top-level ``kernels/`` when running from a checkout."""
+    packaged = importlib.resources.files("invconv") / "kernels"
+    if packaged.is_dir():
+        return pathlib.Path(str(packaged))
+    here = pathlib.Path(__file__).resolve().parents[2] / "kernels"
+    if here.is_dir():
+        return here
+    raise FileNotFoundError("invconv's CUDA sources (kernels/*.cu) are missing from "
+                            "this installation")
+
+
+@dataclasses.dataclass
+class LaunchLimits:
+    """Launch choices of one runtime (the emulator's are small on purpose)."""
+
+    block: int              # threads per block of the element-wise kernels
+    max_block: int          # most threads per block of the wavefront kernels
+    max_grid: int           # most blocks of a grid-stride launch
+    smem_bytes: int         # dynamic shared memory one block may use
+    target_blocks: int      # blocks that fill the device (splits the weight gradient)
+
+
+class KernelOps:
+    """The backend protocol of :mod:`invconv._api` on top of the kernels.
+
+    Parameters
+    ----------
+    xp : module
+        ``numpy`` or ``cupy``: allocates outputs and scratch.
+    module_for : callable
+        ``module_for(source_file) -> module`` with ``get_function(name)``.
+    limits_for : callable
+        ``limits_for() -> LaunchLimits`` for the current device.
+    """
+
+    def __init__(self, xp, module_for, limits_for):
+        self.xp = xp
+        self.module_for = module_for
+        self.limits_for = limits_for
+
+    # -- helpers ---------------------------------------------------------
+    def _function(self, source, kernel, dtype):
+        return self.module_for(source).get_function(template_name(kernel, dtype))
+
+    def _shape_args(self, a, conv: Conv):
+        B, C, H, W = a.shape
+        return tuple(np.int32(v) for v in (B, C, H, W, conv.groups, conv.kh, conv.kw,
+                                           conv.row_sign, conv.col_sign, conv.unit_diagonal))
+
+    @property
+    def limits(self) -> LaunchLimits:
+        return self.limits_for()
+
+    def _grid(self, n, block):
+        return max(1, min(-(-n // block), self.limits.max_grid))
+
+    def _contiguous(self, a):
+        return self.xp.ascontiguousarray(a)
+
+    # -- ops -------------------------------------------------------------
+    def _elementwise(self, source, kernel, a, weight, conv):
+        a, weight = self._contiguous(a), self._contiguous(weight)
+        out = self.xp.empty(a.shape, dtype=a.dtype)
+        fn = self._function(source, kernel, a.dtype)
+        block = self.limits.block
+        fn((self._grid(a.size, block),), (block,), (a, weight, out, *self._shape_args(a, conv)))
+        return out
+
+    def forward(self, x, weight, conv):
+        return self._elementwise("forward.cu", "masked_conv_forward", x, weight, conv)
+
+    def forward_adjoint(self, grad_y, weight, conv):
+        return self._elementwise("backward.cu", "masked_conv_adjoint", grad_y, weight, conv)
+
+    def _prepare(self, weight, conv):
+        """The solves' scratch: L^-1 and the folded taps K' (see common.cuh)."""
+        weight = self._contiguous(weight)
+        cg = conv.group_channels
+        prep = self.xp.empty((conv.groups, conv.kh * conv.kw, cg, cg), dtype=weight.dtype)
+        args = (weight, prep, np.int32(conv.channels), np.int32(conv.groups),
+                np.int32(conv.kh), np.int32(conv.kw), np.int32(conv.row_sign),
+                np.int32(conv.col_sign), np.int32(conv.unit_diagonal))
+        fn = self._function("forward.cu", "inv_conv_lower_inverse", weight.dtype)
+        fn((conv.groups,), (min(self.limits.max_block, -(-cg // 32) * 32),), args)
+        n = conv.groups * (conv.kh * conv.kw - 1) * cg * cg
+        if n:
+            fn = self._function("forward.cu", "inv_conv_fold_taps", weight.dtype)
+            fn((self._grid(n, self.limits.block),), (self.limits.block,), args)
+        return prep
+
+    def _wavefront(self, kernel, source, rhs, weight, conv):
+        rhs = self._contiguous(rhs)
+        prep = self._prepare(weight, conv)
+        out = self.xp.empty(rhs.shape, dtype=rhs.dtype)
+        B, C, H, W = rhs.shape
+        cg, item = conv.group_channels, rhs.dtype.itemsize
+        kp_bytes = conv.kh * conv.kw * cg * cg * item
+        slice_bytes = cg * H * W * item
+        kp_in_smem = kp_bytes <= self.limits.smem_bytes
+        used = kp_bytes if kp_in_smem else 0
+        slice_in_smem = used + slice_bytes <= self.limits.smem_bytes
+        shared = used + (slice_bytes if slice_in_smem else 0)
+        fn = self._function(source, kernel, rhs.dtype)
+        if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
+            fn.max_dynamic_shared_size_bytes = shared
+        diagonal = min(H, W) * cg
+        block = min(self.limits.max_block, max(32, -(-diagonal // 32) * 32))
+        fn((B * conv.groups,), (block,),
+           (rhs, prep, out, *self._shape_args(rhs, conv), np.int32(kp_in_smem),
+            np.int32(slice_in_smem)), shared_mem=shared)
+        return out
+
+    def solve(self, y, weight, conv):
+        return self._wavefront("inv_conv_solve", "forward.cu", y, weight, conv)
+
+    def solve_adjoint(self, grad_x, weight, conv):
+        return self._wavefront("inv_conv_solve_adjoint", "backward.cu", grad_x, weight, conv)
+
+    def weight_grad(self, grad_out, x, scale, conv):
+        grad_out, x = self._contiguous(grad_out), self._contiguous(x)
+        B, C, H, W = x.shape
+        cg, taps, lim = conv.group_channels, conv.kh * conv.kw, self.limits
+        # Split the (b, h, w) reduction until the grid fills the device, but
+        # leave every block at least a block's worth of terms.
+        splits = max(1, min(-(-lim.target_blocks // (C * cg)), B * H * W // lim.block))
+        partial = self.xp.empty((splits, C * cg * taps), dtype=x.dtype)
+        # Few terms per thread would leave the block's reduction tree (taps x
+        # log2(block) barrier steps) costing more than the sums themselves.
+        block, per_split = lim.block, -(-B * H * W // splits)
+        while block > 32 and per_split < 16 * block:
+            block //= 2
+        fn = self._function("backward.cu", "conv_weight_grad_partial", x.dtype)
+        fn((C * cg, splits), (block,), (grad_out, x, partial, *self._shape_args(x, conv)),
+           shared_mem=block * WG_TAPS * x.dtype.itemsize)
+        out = self.xp.empty((C, cg, conv.kh, conv.kw), dtype=x.dtype)
+        fn = self._function("backward.cu", "conv_weight_grad_combine", x.dtype)
+        shape = self._shape_args(x, conv)[1:]
+        fn((self._grid(out.size, lim.block),), (lim.block,),
+           (partial, out, np.int32(splits), x.dtype.type(scale), shape[0], *shape[3:]))
+        return out

@@ -1,0 +1,105 @@
+"""The CUDA kernels themselves, run by the CPU emulator, under every launch shape.
+
+test_dense.py and test_properties.py already run every op through
+backend="emulator" with its default launch limits; this file varies the
+limits so that block sizes do not divide the work, the solves work in global
+instead of shared memory, and the weight gradient splits its reduction, and
+checks that launch counts do not grow with the image.
+"""
+import contextlib
+import sys
+import pathlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import invconv
+from support import assert_close
+from test_properties import problems, setup
+
+_emulated = pytest.importorskip("invconv._emulated")
+
+LIMITS = {
+    "one-thread": dict(block=1, max_block=1, max_grid=3),
+    "block-7": dict(block=7, max_block=7, max_grid=5, target_blocks=50),
+    "block-33-global": dict(block=33, max_block=33, smem_bytes=0),
+    "k-table-only": dict(block=32, max_block=64, smem_bytes=9 * 16 * 8),
+    "wide": dict(block=256, max_block=1024, max_grid=2, target_blocks=1),
+}
+
+
+def _all_ops(x, g, w, opts, backend):
+    inv = invconv.inv_conv2d(x, w, backend=backend, **opts)
+    return [invconv.conv2d(x, w, backend=backend, **opts), inv,
+            *invconv.conv2d_vjp(g, x, w, backend=backend, **opts),
+            *invconv.inv_conv2d_vjp(g, inv, w, backend=backend, **opts)]
+
+
+@pytest.mark.parametrize("limits", LIMITS.values(), ids=LIMITS.keys())
+@settings(max_examples=8)
+@given(p=problems(max_hw=9))
+def test_kernels_match_reference_under_any_launch_shape(limits, p):
+    _, w, x, g, opts = setup(p)
+    expected = _all_ops(x, g, w, opts, "reference")
+    with _emulated.launch_limits(**limits):
+        got = _all_ops(x, g, w, opts, "emulator")
+    for a, e in zip(got, expected):
+        assert_close(a, e)
+
+
+class _CountingModule:
+    def __init__(self, module, counts):
+        self.module, self.counts = module, counts
+
+    def get_function(self, name):
+        fn = self.module.get_function(name)
+        counts = self.counts
+
+        def launch(*args, **kwargs):
+            counts.append(name)
+            return fn(*args, **kwargs)
+        launch.max_dynamic_shared_size_bytes = fn.max_dynamic_shared_size_bytes
+        return launch
+
+
+@contextlib.contextmanager
+def counting_launches():
+    counts, ops = [], _emulated._ops
+    original = ops.module_for
+    ops.module_for = lambda source: _CountingModule(original(source), counts)
+    try:
+        yield counts
+    finally:
+        ops.module_for = original
+
+
+@pytest.mark.parametrize("op", ["conv2d", "inv_conv2d", "conv2d_vjp", "inv_conv2d_vjp"])
+def test_launch_count_does_not_grow_with_the_image(op):
+    rng = np.random.default_rng(0)
+    w = rng.uniform(-0.05, 0.05, (2, 2, 3, 3))
+    counts = {}
+    for size in (3, 17):
+        x = rng.standard_normal((2, 2, size, size + 1))
+        args = (x, x, w) if op.endswith("vjp") else (x, w)
+        with counting_launches() as launched:
+            getattr(invconv, op)(*args, backend="emulator")
+        counts[size] = launched
+    assert counts[3] == counts[17]
+    assert len(counts[3]) == {"conv2d": 1, "inv_conv2d": 3, "conv2d_vjp": 3,
+                              "inv_conv2d_vjp": 5}[op]
+
+
+def test_per_diagonal_baseline_matches_reference():
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    from baselines import PerDiagonal
+    base = PerDiagonal("emulator")
+    rng = np.random.default_rng(1)
+    for corner in invconv.CORNERS:
+        for groups in (1, 3):
+            w = rng.uniform(-0.05, 0.05, (3, 3 // groups, 2, 3))
+            x = rng.standard_normal((2, 3, 5, 4))
+            opts = dict(corner=corner, groups=groups, unit_diagonal=True)
+            assert_close(base.solve(x, w, **opts), invconv.reference.inv_conv2d(x, w, **opts))
+            gy, _ = invconv.reference.inv_conv2d_vjp(x, x, w, **opts)
+            assert_close(base.solve_adjoint(x, w, **opts), gy)
