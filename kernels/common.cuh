@@ -12,9 +12,10 @@
 //     no static __shared__ arrays.
 //  4. Only __syncthreads() synchronises, and every thread of the block reaches
 //     every __syncthreads() (barrier loops have block-uniform bounds). No warp
-//     shuffles, votes, __syncwarp, cooperative groups, and nothing that
-//     depends on the warp size or on threads running in lockstep: the
-//     emulator runs each thread as an OS thread.
+//     shuffles, votes, __syncwarp, cooperative groups, spin-waits on other
+//     threads, and nothing that depends on the warp size or on threads running
+//     in lockstep: the emulator runs a block's threads as fibers switched at
+//     barriers (or as OS threads under its ThreadSanitizer race check).
 //  5. Kernel arguments are pointers and int; sizes and offsets that can pass
 //     2^31 are computed in long long.
 //  6. Grid and block sizes are whatever the launcher chose: loops stride by

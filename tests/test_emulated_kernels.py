@@ -103,3 +103,34 @@ def test_per_diagonal_baseline_matches_reference():
             assert_close(base.solve(x, w, **opts), invconv.reference.inv_conv2d(x, w, **opts))
             gy, _ = invconv.reference.inv_conv2d_vjp(x, x, w, **opts)
             assert_close(base.solve_adjoint(x, w, **opts), gy)
+
+
+RACE_SCRIPT = '''
+import numpy as np
+import invconv
+from invconv import _emulated
+
+rng = np.random.default_rng(0)
+for limits in ({}, {"smem_bytes": 0, "block": 33, "max_block": 33}):
+    with _emulated.launch_limits(**limits):
+        for corner, groups in (("top-left", 1), ("bottom-right", 3)):
+            w = rng.uniform(-0.05, 0.05, (3, 3 // groups, 3, 2))
+            x = rng.standard_normal((2, 3, 5, 6))
+            opts = dict(corner=corner, groups=groups, backend="emulator")
+            y = invconv.conv2d(x, w, **opts)
+            assert np.allclose(invconv.inv_conv2d(y, w, **opts), x)
+            invconv.conv2d_vjp(x, x, w, **opts)
+            invconv.inv_conv2d_vjp(x, x, w, **opts)
+print("kernels ran")
+'''
+
+
+def test_real_kernels_are_race_free_under_thread_sanitizer(tmp_path):
+    from invconv.emulator.racecheck import run_race_check, tsan_runtime
+    if tsan_runtime() is None:
+        pytest.skip("the compiler has no ThreadSanitizer runtime")
+    script = tmp_path / "run_kernels.py"
+    script.write_text(RACE_SCRIPT)
+    result = run_race_check([str(script)], timeout=600)
+    assert result.races == 0, result.report
+    assert result.returncode == 0 and "kernels ran" in result.stdout, result.report

@@ -2,9 +2,9 @@
 
 The sources are compiled by the host C++ compiler against the emulator's
 CUDA header (:mod:`invconv.emulator`) and launched with the launch plans of
-:mod:`invconv._kernels`, the same ones the CUDA backend uses.  It is slow (each
-CUDA thread is an OS thread) and meant for testing the kernels where there is
-no GPU.  :func:`launch_limits` changes the block sizes and the shared-memory
+:mod:`invconv._kernels`, the same ones the CUDA backend uses.  It is slow
+(blocks run one after another, a block's threads as fibers) and meant for
+testing the kernels where there is no GPU.  :func:`launch_limits` changes the block sizes and the shared-memory
 budget, so tests can reach every code path (block sizes that do not divide
 the work, slices in global rather than shared memory).
 """
