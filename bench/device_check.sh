@@ -40,10 +40,10 @@ step() {  # step NAME TIMEOUT CMD...: run, log, record pass/fail
 echo "| step | result | time |" > "$steps"
 echo "|---|---|---|" >> "$steps"
 
-step gpu_tests 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+step gpu_tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_torch_gpu.py
 step sanitizer_memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py
-step sanitizer_racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
-step bench_ops 180 python3 bench/bench_ops.py --device-check --out "$out/ops.json" --markdown "$out/ops.md"
+step sanitizer_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
+step bench_ops 150 python3 bench/bench_ops.py --device-check --out "$out/ops.json" --markdown "$out/ops.md"
 
 {
   echo "# Device check"

@@ -27,7 +27,6 @@ Layers follow the nflows/zuko convention: both directions return
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import numpy as np
 import torch
@@ -41,17 +40,32 @@ __all__ = ["conv2d", "inv_conv2d", "InvConv2d", "MaskedConv2d"]
 # running the array backends on tensors
 
 
+class _TorchBlock:
+    """Owner of one block from PyTorch's caching allocator; frees it when CuPy lets go."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    def __del__(self):
+        try:
+            torch.cuda.caching_allocator_delete(self.ptr)
+        except Exception:  # interpreter shutdown: the allocator is gone already
+            pass
+
+
 def _torch_allocator():
     """A CuPy allocator that takes memory from PyTorch's caching allocator."""
     import cupy
 
     def allocate(size):
         device = cupy.cuda.Device().id
-        stream = torch.cuda.current_stream(device)
-        ptr = torch.cuda.caching_allocator_alloc(size, device, stream) if size else 0
-        memory = cupy.cuda.UnownedMemory(ptr, size, None, device)
-        if size:
-            weakref.finalize(memory, torch.cuda.caching_allocator_delete, ptr)
+        if size == 0:
+            return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(0, 0, None, device), 0)
+        ptr = torch.cuda.caching_allocator_alloc(size, device, torch.cuda.current_stream(device))
+        # UnownedMemory keeps its owner alive for as long as CuPy uses the memory.
+        memory = cupy.cuda.UnownedMemory(ptr, size, _TorchBlock(ptr), device)
         return cupy.cuda.MemoryPointer(memory, 0)
     return allocate
 
