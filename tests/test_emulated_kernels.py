@@ -60,6 +60,7 @@ class _CountingModule:
             counts.append(name)
             return fn(*args, **kwargs)
         launch.max_dynamic_shared_size_bytes = fn.max_dynamic_shared_size_bytes
+        launch.max_threads_per_block = fn.max_threads_per_block
         return launch
 
 

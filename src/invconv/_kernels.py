@@ -99,6 +99,12 @@ class KernelOps:
     def _grid(self, n, block):
         return max(1, min(-(-n // block), self.limits.max_grid))
 
+    @staticmethod
+    def _block(fn, wanted):
+        """``wanted`` threads, capped by what the compiled kernel allows
+        (its register use can lower the limit below 1024)."""
+        return max(1, min(wanted, fn.max_threads_per_block))
+
     def _contiguous(self, a):
         return self.xp.ascontiguousarray(a)
 
@@ -107,7 +113,7 @@ class KernelOps:
         a, weight = self._contiguous(a), self._contiguous(weight)
         out = self.xp.empty(a.shape, dtype=a.dtype)
         fn = self._function(source, kernel, a.dtype)
-        block = self.limits.block
+        block = self._block(fn, self.limits.block)
         fn((self._grid(a.size, block),), (block,), (a, weight, out, *self._shape_args(a, conv)))
         return out
 
@@ -126,11 +132,13 @@ class KernelOps:
                 np.int32(conv.kh), np.int32(conv.kw), np.int32(conv.row_sign),
                 np.int32(conv.col_sign), np.int32(conv.unit_diagonal))
         fn = self._function("forward.cu", "inv_conv_lower_inverse", weight.dtype)
-        fn((conv.groups,), (min(self.limits.max_block, -(-cg // 32) * 32),), args)
+        fn((conv.groups,), (self._block(fn, min(self.limits.max_block, -(-cg // 32) * 32)),),
+           args)
         n = conv.groups * (conv.kh * conv.kw - 1) * cg * cg
         if n:
             fn = self._function("forward.cu", "inv_conv_fold_taps", weight.dtype)
-            fn((self._grid(n, self.limits.block),), (self.limits.block,), args)
+            block = self._block(fn, self.limits.block)
+            fn((self._grid(n, block),), (block,), args)
         return prep
 
     def _wavefront(self, kernel, source, rhs, weight, conv):
@@ -149,7 +157,7 @@ class KernelOps:
         if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
             fn.max_dynamic_shared_size_bytes = shared
         diagonal = min(H, W) * cg
-        block = min(self.limits.max_block, max(32, -(-diagonal // 32) * 32))
+        block = self._block(fn, min(self.limits.max_block, max(32, -(-diagonal // 32) * 32)))
         fn((B * conv.groups,), (block,),
            (rhs, prep, out, *self._shape_args(rhs, conv), np.int32(kp_in_smem),
             np.int32(slice_in_smem)), shared_mem=shared)
@@ -175,11 +183,13 @@ class KernelOps:
         while block > 32 and per_split < 16 * block:
             block //= 2
         fn = self._function("backward.cu", "conv_weight_grad_partial", x.dtype)
+        block = self._block(fn, block)
         fn((C * cg, splits), (block,), (grad_out, x, partial, *self._shape_args(x, conv)),
            shared_mem=block * WG_TAPS * x.dtype.itemsize)
         out = self.xp.empty((C, cg, conv.kh, conv.kw), dtype=x.dtype)
         fn = self._function("backward.cu", "conv_weight_grad_combine", x.dtype)
         shape = self._shape_args(x, conv)[1:]
-        fn((self._grid(out.size, lim.block),), (lim.block,),
+        block = self._block(fn, lim.block)
+        fn((self._grid(out.size, block),), (block,),
            (partial, out, np.int32(splits), x.dtype.type(scale), shape[0], *shape[3:]))
         return out
