@@ -1,0 +1,482 @@
+"""Normalizing flows built on the inverse of a masked convolution (Inverse-Flow).
+
+Every layer maps the data direction to the latent direction with
+``forward(x) -> (y, logabsdet)`` and back with ``inverse(y) -> (x, logabsdet)``,
+``logabsdet`` being ``log|det dy/dx|`` (resp. ``log|det dx/dy|``) per sample,
+shape ``(B,)`` -- the nflows/zuko convention.  :class:`Split` is the one layer
+whose output is a pair ``(kept, factored)``.
+
+Models (:class:`InverseFlow`) are multi-scale like Glow (the paper's Figure
+3): per level a squeeze, ``steps`` flow steps and a split (none after the
+last level).  An Inverse-Flow step is ``InvConv2d`` (the inverse of a k x k
+masked convolution in the density direction, so sampling is a plain
+convolution), a spline activation, ActNorm, an invertible 1x1 convolution and
+an affine coupling.  Presets: ``inverse-flow``, ``finc-flow`` (the same with
+``MaskedConv2d``: convolution to the latent, inverse when sampling), ``glow``
+(no k x k layer, no spline) and ``snf-small`` (the 9-layer MNIST flow of the
+paper's Table 4: 3 blocks of 3 x [3x3 inverse convolution + spline], squeeze
+between blocks).
+
+Data handling and bits per dimension
+------------------------------------
+Images are 8-bit.  ``dequantize`` maps ``x in {0..255}`` to
+``v = (x + u) / 256`` with ``u ~ U[0, 1)``.  With ``logit=alpha`` the model
+sees ``s = logit(alpha + (1 - 2 alpha) v)`` and the Jacobian
+``log|ds/dv| = sum log((1 - 2 alpha) / (p (1 - p)))``, ``p = alpha + (1 - 2 alpha) v``,
+is added.  For the discrete data the (variational) negative log-likelihood
+in nats is ``-log p_V(v) + D log 256``, and
+
+    bits/dim = (-log p_V(v) + D log 256) / (D log 2),
+
+``D = C H W``.  :meth:`InverseFlow.bits_per_dim` computes exactly that.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .torch import InvConv2d, MaskedConv2d
+
+__all__ = ["Squeeze", "Split", "ActNorm", "InvertibleConv1x1", "AffineCoupling",
+           "SplineActivation", "FlowStep", "InverseFlow", "PRESETS", "build",
+           "dequantize"]
+
+LOG2 = math.log(2.0)
+
+
+def _sum_per_sample(t):
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+class Squeeze(nn.Module):
+    """2x2 space-to-depth: (B, C, H, W) -> (B, 4C, H/2, W/2); volume preserving."""
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        if H % 2 or W % 2:
+            raise ValueError(f"Squeeze needs even height and width, got {H}x{W}")
+        y = x.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return y.reshape(B, 4 * C, H // 2, W // 2), x.new_zeros(B)
+
+    def inverse(self, y):
+        B, C4, H, W = y.shape
+        x = y.reshape(B, C4 // 4, 2, 2, H, W).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(B, C4 // 4, 2 * H, 2 * W), y.new_zeros(B)
+
+
+class ActNorm(nn.Module):
+    """Per-channel affine ``y = (x + bias) * exp(logs)`` with data-dependent init.
+
+    On the first forward pass in training mode the bias and scale are set so
+    that the batch has zero mean and unit variance per channel (averaged over
+    ranks under ``torch.distributed``).  The ``initialized`` flag is a buffer,
+    so checkpoints restore it.
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _initialize(self, x):
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        sq = (x * x).mean(dim=(0, 2, 3), keepdim=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            stats = torch.cat([mean, sq])
+            torch.distributed.all_reduce(stats)
+            mean, sq = (stats / torch.distributed.get_world_size()).chunk(2)
+        std = (sq - mean * mean).clamp_min(0).sqrt()
+        self.bias.copy_(-mean)
+        self.logs.copy_(-torch.log(std + 1e-6))
+        self.initialized.fill_(True)
+
+    def _logdet(self, x):
+        return (x.shape[2] * x.shape[3] * self.logs.sum()).expand(x.shape[0])
+
+    def forward(self, x):
+        if self.training and not bool(self.initialized):
+            self._initialize(x)
+        return (x + self.bias) * torch.exp(self.logs), self._logdet(x)
+
+    def inverse(self, y):
+        return y * torch.exp(-self.logs) - self.bias, -self._logdet(y)
+
+
+class InvertibleConv1x1(nn.Module):
+    """Glow's invertible 1x1 convolution, LU-parametrised: ``W = P L (U + diag(sign * exp(logs)))``.
+
+    ``P`` (a permutation) and ``sign`` are buffers; ``L`` is unit lower- and
+    ``U`` strictly upper-triangular.  Initialised at a random rotation.
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(channels, channels))
+        p, lower, upper = torch.linalg.lu(q)
+        diag = torch.diagonal(upper)
+        self.register_buffer("perm", p)
+        self.register_buffer("sign", torch.sign(diag))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
+        self.lower = nn.Parameter(lower * self.lower_mask)
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.logs = nn.Parameter(torch.log(diag.abs()))
+
+    def weight(self):
+        eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
+        lower = self.lower * self.lower_mask + eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign * torch.exp(self.logs))
+        return self.perm @ lower @ upper
+
+    def _logdet(self, x):
+        return (x.shape[2] * x.shape[3] * self.logs.sum()).expand(x.shape[0])
+
+    def forward(self, x):
+        return torch.einsum("oi,bihw->bohw", self.weight(), x), self._logdet(x)
+
+    def inverse(self, y):
+        w_inv = torch.linalg.inv(self.weight())
+        return torch.einsum("oi,bihw->bohw", w_inv, y), -self._logdet(y)
+
+
+class AffineCoupling(nn.Module):
+    """RealNVP/Glow affine coupling with a bounded scale.
+
+    The first ``C // 2`` channels pass unchanged and parametrise
+    ``y_b = (x_b + shift) * scale`` of the others, with
+    ``scale = sigmoid(raw + 2)`` in (0, 1) (Glow's bound) from
+    conv3x3 - ReLU - conv1x1 - ReLU - conv3x3, the last one zero-initialised
+    so the layer starts as the identity map up to a constant scale.
+    """
+
+    def __init__(self, channels, hidden):
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"AffineCoupling needs at least 2 channels, got {channels}")
+        self.c_a = channels // 2
+        c_b = channels - self.c_a
+        self.net = nn.Sequential(
+            nn.Conv2d(self.c_a, hidden, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
+            nn.Conv2d(hidden, 2 * c_b, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def _params(self, x_a):
+        shift, raw = self.net(x_a).chunk(2, dim=1)
+        return shift, torch.sigmoid(raw + 2.0)
+
+    def forward(self, x):
+        x_a, x_b = x[:, :self.c_a], x[:, self.c_a:]
+        shift, scale = self._params(x_a)
+        return torch.cat([x_a, (x_b + shift) * scale], 1), _sum_per_sample(torch.log(scale))
+
+    def inverse(self, y):
+        y_a, y_b = y[:, :self.c_a], y[:, self.c_a:]
+        shift, scale = self._params(y_a)
+        return torch.cat([y_a, y_b / scale - shift], 1), -_sum_per_sample(torch.log(scale))
+
+
+class SplineActivation(nn.Module):
+    """Element-wise monotone rational-quadratic spline with linear tails.
+
+    One spline per channel on ``[-bound, bound]`` with ``bins`` bins
+    (Durkan et al., 2019), the identity outside; exactly invertible (a
+    quadratic solve), with the analytic log-derivative.  Initialised at the
+    identity (uniform bins, unit derivatives).
+    """
+
+    MIN_BIN = 1e-3
+    MIN_DERIVATIVE = 1e-3
+
+    def __init__(self, channels, bins=5, bound=10.0):
+        super().__init__()
+        self.bins, self.bound = bins, float(bound)
+        self.widths = nn.Parameter(torch.zeros(channels, bins))
+        self.heights = nn.Parameter(torch.zeros(channels, bins))
+        # softplus(d) + MIN_DERIVATIVE == 1 at d = this value: the identity.
+        d0 = math.log(math.expm1(1.0 - self.MIN_DERIVATIVE))
+        self.derivatives = nn.Parameter(torch.full((channels, bins - 1), d0))
+
+    def _knots(self, raw):
+        frac = torch.softmax(raw, dim=-1)
+        frac = self.MIN_BIN + (1 - self.MIN_BIN * self.bins) * frac
+        knots = F.pad(torch.cumsum(frac, -1), (1, 0))
+        knots = 2 * self.bound * knots - self.bound
+        # Pin the ends exactly at +-bound so the tails join without a gap.
+        end = torch.full_like(knots[:, :1], self.bound)
+        knots = torch.cat([-end, knots[:, 1:-1], end], dim=-1)
+        return knots, knots[:, 1:] - knots[:, :-1]
+
+    def _spline(self, t, inverse):
+        C = t.shape[1]
+        flat = t.transpose(0, 1).reshape(C, -1)
+        xk, w = self._knots(self.widths)
+        yk, h = self._knots(self.heights)
+        d = F.softplus(self.derivatives) + self.MIN_DERIVATIVE
+        one = torch.ones(C, 1, dtype=d.dtype, device=d.device)
+        d = torch.cat([one, d, one], dim=-1)          # linear tails: slope 1 at the ends
+        inside = (flat > -self.bound) & (flat < self.bound)
+        # Outside values go through the spline clamped (then are replaced), so
+        # the unused branch of the where below stays finite for autograd.
+        flat_in = flat.clamp(-self.bound, self.bound)
+        knots = yk if inverse else xk
+        k = torch.searchsorted(knots[:, 1:-1].contiguous(), flat_in.contiguous())
+        g = lambda a: torch.gather(a, 1, k)  # noqa: E731
+        x0, wk, y0, hk, d0, d1 = g(xk), g(w), g(yk), g(h), g(d[:, :-1]), g(d[:, 1:])
+        s = hk / wk
+        if not inverse:
+            xi = ((flat_in - x0) / wk).clamp(0, 1)
+            den = s + (d1 + d0 - 2 * s) * xi * (1 - xi)
+            out = y0 + hk * (s * xi * xi + d0 * xi * (1 - xi)) / den
+        else:
+            dy = flat_in - y0
+            a = hk * (s - d0) + dy * (d1 + d0 - 2 * s)
+            b = hk * d0 - dy * (d1 + d0 - 2 * s)
+            c = -s * dy
+            disc = (b * b - 4 * a * c).clamp_min(0)
+            xi = ((2 * c) / (-b - torch.sqrt(disc))).clamp(0, 1)
+            out = x0 + xi * wk
+            den = s + (d1 + d0 - 2 * s) * xi * (1 - xi)
+        deriv = s * s * (d1 * xi * xi + 2 * s * xi * (1 - xi) + d0 * (1 - xi) ** 2) / (den * den)
+        out = torch.where(inside, out, flat)
+        logd = torch.where(inside, torch.log(deriv), torch.zeros_like(flat))
+        shape = (C, t.shape[0], *t.shape[2:])
+        out = out.reshape(shape).transpose(0, 1)
+        logd = logd.reshape(shape).transpose(0, 1)
+        return out, _sum_per_sample(logd)
+
+    def forward(self, x):
+        return self._spline(x, inverse=False)
+
+    def inverse(self, y):
+        x, logd = self._spline(y, inverse=True)
+        return x, -logd
+
+
+class Split(nn.Module):
+    """Factor out half the channels, scored by a Gaussian conditioned on the rest (Glow).
+
+    ``forward(x) -> ((kept, eps), logabsdet)`` with ``kept = x[:, :C/2]`` and
+    ``eps = (x[:, C/2:] - mean) * exp(-logs)``, ``(mean, logs)`` from a
+    zero-initialised 3x3 convolution of ``kept``; ``eps`` is a standard-normal
+    latent and ``logabsdet = -sum(logs)`` -- together exactly the learned
+    Gaussian prior of Glow's split.
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        self.kept = channels // 2
+        self.prior = nn.Conv2d(self.kept, 2 * (channels - self.kept), 3, padding=1)
+        nn.init.zeros_(self.prior.weight)
+        nn.init.zeros_(self.prior.bias)
+
+    def forward(self, x):
+        kept, rest = x[:, :self.kept], x[:, self.kept:]
+        mean, logs = self.prior(kept).chunk(2, dim=1)
+        return (kept, (rest - mean) * torch.exp(-logs)), -_sum_per_sample(logs)
+
+    def inverse(self, pair):
+        kept, eps = pair
+        mean, logs = self.prior(kept).chunk(2, dim=1)
+        return torch.cat([kept, mean + eps * torch.exp(logs)], 1), _sum_per_sample(logs)
+
+
+class FlowStep(nn.Module):
+    """A sequence of layers applied in order (inverse in reverse order)."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        total = x.new_zeros(x.shape[0])
+        for layer in self.layers:
+            x, ld = layer(x)
+            total = total + ld
+        return x, total
+
+    def inverse(self, y):
+        total = y.new_zeros(y.shape[0])
+        for layer in reversed(self.layers):
+            y, ld = layer.inverse(y)
+            total = total + ld
+        return y, total
+
+
+def dequantize(x_uint8, generator=None):
+    """``(x + u) / 256`` with ``u ~ U[0, 1)``: 8-bit images to [0, 1)."""
+    u = torch.rand(x_uint8.shape, generator=generator, device=x_uint8.device)
+    return (x_uint8.to(torch.float32) + u) / 256.0
+
+
+class InverseFlow(nn.Module):
+    """Multi-scale flow with inverse-convolution steps (see the module docs).
+
+    Parameters
+    ----------
+    input_shape : (C, H, W)
+        H and W must be divisible by ``2 ** levels``.
+    levels, steps : int
+        L and K of the paper: levels of (squeeze, K steps, split); no split after the last.
+    hidden : int
+        Channels of the coupling networks.
+    kernel_size : int
+        Size of the masked convolution in each step.
+    conv : {"inverse", "masked", None}
+        ``InvConv2d`` (Inverse-Flow), ``MaskedConv2d`` (FInC Flow) or none (Glow).
+    spline : bool
+        Put a :class:`SplineActivation` after the k x k layer.
+    coupling : bool
+        Use ActNorm, the 1x1 convolution and the coupling in each step (False
+        for the ``snf-small`` preset).
+    logit : float or None
+        ``alpha`` of the logit pre-processing, or None for none.
+    learn_diagonal : bool
+        Learned same-pixel diagonal in the k x k layers (else unit: volume preserving).
+    """
+
+    def __init__(self, input_shape, *, levels=2, steps=4, hidden=64, kernel_size=3,
+                 conv="inverse", spline=True, coupling=True, logit=None,
+                 learn_diagonal=False, spline_bins=5, spline_bound=10.0, split=True,
+                 squeeze_first=True):
+        super().__init__()
+        C, H, W = input_shape
+        squeezes = levels if squeeze_first else levels - 1
+        if H % 2 ** squeezes or W % 2 ** squeezes:
+            raise ValueError(f"input {H}x{W} is not divisible by 2**{squeezes} (one squeeze "
+                             f"per level)")
+        if conv not in ("inverse", "masked", None):
+            raise ValueError(f"conv must be 'inverse', 'masked' or None, got {conv!r}")
+        self.input_shape = tuple(input_shape)
+        self.logit = logit
+        self.config = dict(levels=levels, steps=steps, hidden=hidden, kernel_size=kernel_size,
+                           conv=conv, spline=spline, coupling=coupling, logit=logit,
+                           learn_diagonal=learn_diagonal, spline_bins=spline_bins,
+                           spline_bound=spline_bound, split=split,
+                           squeeze_first=squeeze_first)
+        self.levels = nn.ModuleList()
+        self.splits = nn.ModuleList()
+        self.latent_shapes = []
+        c, h, w = C, H, W
+        for level in range(levels):
+            layers = []
+            if level > 0 or squeeze_first:
+                c, h, w = 4 * c, h // 2, w // 2
+                layers.append(Squeeze())
+            for _ in range(steps):
+                step = []
+                if conv is not None:
+                    cls = InvConv2d if conv == "inverse" else MaskedConv2d
+                    step.append(cls(c, kernel_size, learn_diagonal=learn_diagonal))
+                if spline:
+                    step.append(SplineActivation(c, spline_bins, spline_bound))
+                if coupling:
+                    step += [ActNorm(c), InvertibleConv1x1(c), AffineCoupling(c, hidden)]
+                layers.append(FlowStep(*step))
+            self.levels.append(FlowStep(*layers))
+            if split and level < levels - 1:
+                self.splits.append(Split(c))
+                self.latent_shapes.append((c - c // 2, h, w))
+                c = c // 2
+        self.latent_shapes.append((c, h, w))
+
+    # -- pre-processing ------------------------------------------------------
+    def _preprocess(self, v):
+        if self.logit is None:
+            return v, v.new_zeros(v.shape[0])
+        a = self.logit
+        p = a + (1 - 2 * a) * v
+        s = torch.log(p) - torch.log1p(-p)
+        return s, _sum_per_sample(math.log(1 - 2 * a) - torch.log(p) - torch.log1p(-p))
+
+    def _postprocess(self, s):
+        if self.logit is None:
+            return s
+        return (torch.sigmoid(s) - self.logit) / (1 - 2 * self.logit)
+
+    # -- the flow ------------------------------------------------------------
+    def encode(self, v):
+        """Data in [0, 1] -> (latents, logabsdet): the list of standard-normal
+        latents (one per split, then the last level's output)."""
+        x, total = self._preprocess(v)
+        latents = []
+        for i, level in enumerate(self.levels):
+            x, ld = level(x)
+            total = total + ld
+            if i < len(self.splits):
+                (x, eps), ld = self.splits[i](x)
+                total = total + ld
+                latents.append(eps)
+        latents.append(x)
+        return latents, total
+
+    def decode(self, latents):
+        """Latents (as from :meth:`encode`) -> data in [0, 1] (un-clamped)."""
+        x = latents[-1]
+        for i in reversed(range(len(self.levels))):
+            if i < len(self.splits):
+                x, _ = self.splits[i].inverse((x, latents[i]))
+            x, _ = self.levels[i].inverse(x)
+        return self._postprocess(x)
+
+    def log_prob(self, v):
+        """``log p_V(v)`` in nats for data ``v`` in [0, 1]^D, shape (B,)."""
+        latents, logdet = self.encode(v)
+        prior = sum(_sum_per_sample(-0.5 * z * z - 0.5 * math.log(2 * math.pi)) for z in latents)
+        return prior + logdet
+
+    def bits_per_dim(self, v):
+        """``(-log p_V(v) + D log 256) / (D log 2)`` per sample, shape (B,)."""
+        D = math.prod(self.input_shape)
+        return (-self.log_prob(v) + D * math.log(256.0)) / (D * LOG2)
+
+    @torch.no_grad()
+    def sample(self, n, temperature=1.0, generator=None):
+        """``n`` samples in data space [0, 1] (decoded from N(0, T^2) latents)."""
+        p = next(self.parameters(), None)
+        device = p.device if p is not None else None
+        dtype = p.dtype if p is not None else torch.float32
+        latents = [temperature * torch.randn((n, *s), generator=generator, device=device,
+                                             dtype=dtype)
+                   for s in self.latent_shapes]
+        return self.decode(latents)
+
+    def forward(self, v):
+        return self.log_prob(v)
+
+
+def _inverse_flow(shape, **kw):
+    return InverseFlow(shape, **{"conv": "inverse", **kw})
+
+
+def _finc_flow(shape, **kw):
+    return InverseFlow(shape, **{"conv": "masked", **kw})
+
+
+def _glow(shape, **kw):
+    kw.pop("kernel_size", None)
+    return InverseFlow(shape, **{"conv": None, "spline": False, **kw})
+
+
+def _snf_small(shape, **kw):
+    """3 blocks x 3 x [3x3 inverse conv + spline (5 bins, bound 10)], squeeze between blocks."""
+    kw = {k: v for k, v in kw.items() if k in ("kernel_size", "logit", "learn_diagonal")}
+    return InverseFlow(shape, **{"levels": 3, "steps": 3, "conv": "inverse", "spline": True,
+                                 "coupling": False, "learn_diagonal": True, "split": False,
+                                 "squeeze_first": False, **kw})
+
+
+PRESETS = {"inverse-flow": _inverse_flow, "finc-flow": _finc_flow, "glow": _glow,
+           "snf-small": _snf_small}
+
+
+def build(name, input_shape, **kwargs):
+    """A preset model by name (see :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name](tuple(input_shape), **kwargs)
