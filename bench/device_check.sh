@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The device check: run from the repository root on a machine with a CUDA GPU
 # (no network needed; python3 there must have cupy, numpy, scipy, pytest,
-# hypothesis, and torch for the cuDNN yardstick). Under 8 minutes on one H200.
+# hypothesis, and torch for the torch tests, the cuDNN yardstick and the
+# model timings). Under 8 minutes on one H200.
 #
 #   bash bench/device_check.sh RESULTS_DIR
 #
-# Writes to RESULTS_DIR (8 files): environment.txt, gpu_tests.log,
-# sanitizer_memcheck.log, sanitizer_racecheck.log, bench_ops.log, ops.json and
-# ops.md (timings), summary.md (what passed, and the timing table).
+# Writes to RESULTS_DIR (8 files): summary.md (machine, what passed, the
+# timing tables), gpu_tests.log, sanitizer.log (memcheck and racecheck),
+# bench.log, ops.json and ops.md (op timings), models.json and models.md
+# (model timings).
 set -u
 out=${1:?usage: bash bench/device_check.sh RESULTS_DIR}
 mkdir -p "$out"
@@ -17,6 +19,7 @@ export PYTHONPATH="$root/src:$root/bench:$root/tests${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 status=0
 steps=$(mktemp)
+environment=$(mktemp)
 
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
@@ -25,38 +28,42 @@ steps=$(mktemp)
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
   nvcc --version 2>&1 | tail -1
   git -C "$root" rev-parse HEAD 2>/dev/null || true
-} > "$out/environment.txt" 2>&1
-cat "$out/environment.txt"
+} > "$environment" 2>&1
+cat "$environment"
 
-step() {  # step NAME TIMEOUT CMD...: run, log, record pass/fail
-  local name=$1 limit=$2; shift 2
+step() {  # step NAME LOG TIMEOUT CMD...: run, append to LOG, record pass/fail
+  local name=$1 log=$2 limit=$3; shift 3
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "=== $name: $*" >> "$out/$log"
+  timeout "$limit" "$@" >> "$out/$log" 2>&1
   local rc=$?
   local verdict=PASS; [ $rc -eq 0 ] || { verdict="FAIL (exit $rc)"; status=1; }
   echo "| $name | $verdict | $((SECONDS - t0)) s |" | tee -a "$steps"
-  tail -n 3 "$out/$name.log"
+  tail -n 3 "$out/$log"
 }
 echo "| step | result | time |" > "$steps"
 echo "|---|---|---|" >> "$steps"
 
-step gpu_tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_torch_gpu.py
-step sanitizer_memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py
-step sanitizer_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
-step bench_ops 150 python3 bench/bench_ops.py --device-check --out "$out/ops.json" --markdown "$out/ops.md"
+step gpu_tests gpu_tests.log 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_torch_gpu.py
+step memcheck sanitizer.log 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py
+step racecheck sanitizer.log 90 compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
+step bench_ops bench.log 150 python3 bench/bench_ops.py --device-check --out "$out/ops.json" --markdown "$out/ops.md"
+step bench_models bench.log 120 python3 bench/bench_models.py --out "$out/models.json" --markdown "$out/models.md"
 
 {
   echo "# Device check"
   echo
   echo '```'
-  cat "$out/environment.txt"
+  cat "$environment"
   echo '```'
   echo
   cat "$steps"
   echo
   grep -E "passed|failed" "$out/gpu_tests.log" | tail -n 1
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out"/sanitizer_*.log
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/sanitizer.log"
   echo
   [ -f "$out/ops.md" ] && cat "$out/ops.md"
+  echo
+  [ -f "$out/models.md" ] && cat "$out/models.md"
 } > "$out/summary.md"
 exit $status
