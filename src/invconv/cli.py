@@ -4,6 +4,7 @@
     invconv evaluate --checkpoint runs/mnist/checkpoint.pt
     invconv sample --checkpoint runs/mnist/checkpoint.pt --n 64 --temperature 0.7 --out grid.png
     invconv classify --epochs 5
+    invconv bench --quick --out ops.json
     torchrun --nproc_per_node=2 -m invconv.cli train ...      # data-parallel (DDP)
 
 Training is deterministic given ``--seed``: the data order of epoch e comes
@@ -488,10 +489,18 @@ def _parser():
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--data-root", default=None)
     c.set_defaults(func=classify)
+    # Listed for --help; main() hands its arguments to invconv.benchmarks.
+    sub.add_parser("bench", add_help=False,
+                   help="op-level benchmarks (invconv bench --help for options)")
     return p
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from . import benchmarks
+        benchmarks.main(argv[1:])
+        return 0
     args = _parser().parse_args(argv)
     from . import data
     try:

@@ -1,0 +1,363 @@
+"""Op-level benchmarks: invconv's kernels against the alternatives a user has.
+
+    invconv bench --quick --out ops.json                      # about a minute on a CPU
+    invconv bench --device-check --out ops.json --markdown ops.md   # the GPU suite
+    (python3 bench/bench_ops.py takes the same arguments)
+
+For each op (inverse, inverse vjp, masked conv, conv vjp) and shape, every
+implementation available on the machine is timed:
+
+- ``invconv-cuda``: the one-launch wavefront kernels (CUDA events);
+- ``per-diagonal-cuda``: the same kernel maths, one launch per anti-diagonal;
+- ``cusparse``: ``cupyx.scipy.sparse.linalg.spsolve_triangular`` on the operator;
+- ``dense-torch``: ``torch.linalg.solve_triangular`` on the dense operator, where it fits;
+- ``cudnn-conv2d``: ``torch.nn.functional.conv2d`` (forward, or forward+backward), the
+  yardstick of what a convolution costs;
+- ``reference-cpu``: invconv's SciPy reference on the host CPU (wall clock);
+- on a CPU-only machine: ``dense-torch-cpu`` and ``torch-conv2d-cpu``, the same
+  torch alternatives on the CPU.
+
+The one-launch-per-diagonal baseline lives in the repository's ``bench/``
+folder (``bench/baselines.py``); it is timed when that folder is present.
+
+Each row: median and quartiles over repeats after warm-up, with inputs
+rotated among several sets so caches do not flatter, the ratio to invconv in
+the same run, the bytes an op must move at least, and the number of
+sequential diagonal steps.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+import invconv
+from invconv import _api
+
+FLOW_SHAPES = [(100, 1, 28, 28), (100, 4, 14, 14), (100, 12, 16, 16), (100, 48, 8, 8),
+               (100, 3, 32, 32), (16, 3, 64, 64), (4, 3, 256, 256)]
+QUICK_SHAPES = [(4, 1, 12, 12), (4, 4, 8, 8), (2, 3, 16, 16)]
+OPS = ("inv", "inv_vjp", "conv", "conv_vjp")
+
+
+def _quantiles(times):
+    times = sorted(times)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return statistics.median(times), q[0], q[2]
+
+
+class GpuTimer:
+    """CUDA-event timing on CuPy's current stream (torch shares the default stream)."""
+
+    def __init__(self):
+        import cupy
+        self.cupy = cupy
+
+    def __call__(self, fn, inputs, warmup=3, repeats=30, budget_s=3.0):
+        cupy = self.cupy
+        for k in range(warmup):
+            fn(*inputs[k % len(inputs)])
+        cupy.cuda.get_current_stream().synchronize()
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        times, t0 = [], time.perf_counter()
+        for k in range(repeats):
+            start.record()
+            fn(*inputs[k % len(inputs)])
+            end.record()
+            end.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, end))
+            if time.perf_counter() - t0 > budget_s and len(times) >= 5:
+                break
+        return times
+
+
+def cpu_timer(fn, inputs, warmup=1, repeats=5, budget_s=3.0):
+    for k in range(warmup):
+        fn(*inputs[k % len(inputs)])
+    times, t0 = [], time.perf_counter()
+    for k in range(repeats):
+        s = time.perf_counter()
+        fn(*inputs[k % len(inputs)])
+        times.append((time.perf_counter() - s) * 1e3)
+        if time.perf_counter() - t0 > budget_s:
+            break
+    return times
+
+
+def min_bytes(op, shape, k, itemsize):
+    """Each input read once, each output written once."""
+    B, C, H, W = shape
+    image = B * C * H * W * itemsize
+    weight = C * C * k * k * itemsize
+    return {"inv": 2 * image + weight, "conv": 2 * image + weight,
+            "inv_vjp": 3 * image + 2 * weight, "conv_vjp": 3 * image + 2 * weight}[op]
+
+
+def make_problem(rng, shape, k, dtype, n_sets):
+    B, C, H, W = shape
+    w = rng.uniform(-1, 1, (C, C, k, k)) * (0.5 / (C * k * k))
+    sets = [(rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype))
+            for _ in range(n_sets)]
+    return w.astype(dtype), sets
+
+
+@functools.lru_cache(maxsize=None)
+def _per_diagonal():
+    """The baseline of bench/baselines.py, or None outside a checkout."""
+    bench = pathlib.Path(__file__).resolve().parents[2] / "bench"
+    if bench.is_dir() and str(bench) not in sys.path:
+        sys.path.append(str(bench))
+    try:
+        from baselines import PerDiagonal
+    except ImportError:
+        return None
+    return PerDiagonal("cuda")
+
+
+def implementations(op, shape, k, weight, xp_sets, have_gpu, dense_limit_bytes):
+    """Yield (name, device, fn, inputs, launches) for every available implementation."""
+    B, C, H, W = shape
+    steps = H + W - 1
+    host_sets = [tuple(np.asarray(a) for a in s) for s in xp_sets["numpy"]]
+    if have_gpu:
+        import cupy
+        wg = cupy.asarray(weight)
+        gsets = xp_sets["cupy"]
+        ops = {
+            "inv": (lambda y, g: invconv.inv_conv2d(y, wg), 3),
+            "inv_vjp": (lambda x, g: invconv.inv_conv2d_vjp(g, x, wg), 5),
+            "conv": (lambda x, g: invconv.conv2d(x, wg), 1),
+            "conv_vjp": (lambda x, g: invconv.conv2d_vjp(g, x, wg), 3),
+        }
+        fn, launches = ops[op]
+        yield "invconv-cuda", "cuda", fn, gsets, launches
+
+        per_diag = _per_diagonal() if op in ("inv", "inv_vjp") else None
+        if per_diag is not None:
+            if op == "inv":
+                yield ("per-diagonal-cuda", "cuda", lambda y, g: per_diag.solve(y, wg), gsets,
+                       steps + 3)
+            else:
+                def pd_vjp(x, g):
+                    gy = per_diag.solve_adjoint(g, wg)
+                    conv = _api.make_conv(wg.shape, corner="top-left", groups=1,
+                                          unit_diagonal=True)
+                    return gy, per_diag.ops.weight_grad(gy, x, -1.0, conv)
+                yield "per-diagonal-cuda", "cuda", pd_vjp, gsets, steps + 5
+
+        if op in ("inv", "inv_vjp"):
+            m_perm, order = _permuted_operator(weight, C, H, W)
+            try:
+                import cupyx.scipy.sparse as csp
+                from cupyx.scipy.sparse.linalg import spsolve_triangular as gpu_trsv
+                lower = csp.csr_matrix(m_perm.tocsr())
+                upper = csp.csr_matrix(m_perm.T.tocsr())
+                order_g = cupy.asarray(order)
+
+                def sparse_solve(rhs, matrix, is_lower):
+                    cols = rhs.reshape(B, -1).T[order_g]
+                    sol = gpu_trsv(matrix, cols, lower=is_lower)
+                    out = cupy.empty_like(sol)
+                    out[order_g] = sol
+                    return out.T.reshape(rhs.shape)
+                if op == "inv":
+                    yield ("cusparse", "cuda", lambda y, g: sparse_solve(y, lower, True), gsets,
+                           None)
+                else:
+                    yield ("cusparse", "cuda", lambda x, g: sparse_solve(g, upper, False),
+                           gsets, None)
+            except Exception as exc:  # report, don't hide
+                print(f"  cusparse unavailable for {op} {shape}: {exc}", file=sys.stderr)
+
+    yield from _torch_alternatives(op, shape, k, weight, gsets if have_gpu else host_sets,
+                                   "cuda" if have_gpu else "cpu", dense_limit_bytes)
+
+    ref = {
+        "inv": lambda y, g: invconv.reference.inv_conv2d(y, weight),
+        "inv_vjp": lambda x, g: invconv.reference.inv_conv2d_vjp(g, x, weight),
+        "conv": lambda x, g: invconv.reference.conv2d(x, weight),
+        "conv_vjp": lambda x, g: invconv.reference.conv2d_vjp(g, x, weight),
+    }[op]
+    yield "reference-cpu", "cpu", ref, host_sets, None
+
+
+def _permuted_operator(weight, C, H, W):
+    """The sparse operator in pixel-major order (lower-triangular) and that order."""
+    conv = _api.make_conv(weight.shape, corner="top-left", groups=1, unit_diagonal=True)
+    m = invconv.reference._matrix(weight, np.empty((1, C, H, W)), conv)
+    order = invconv.reference._pixel_major_order(conv, H, W)
+    return m[order][:, order].astype(weight.dtype), order
+
+
+def _torch_alternatives(op, shape, k, weight, inputs, device, dense_limit_bytes):
+    """torch's dense triangular solve (where the dense operator fits) and
+    conv2d (cuDNN on a GPU) at the same shape, on ``device``."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return
+    B, C, H, W = shape
+    suffix = "" if device == "cuda" else "-cpu"
+    pad = (k - 1, 0, k - 1, 0)
+    if op in ("inv", "inv_vjp") and (C * H * W) ** 2 * weight.itemsize <= dense_limit_bytes:
+        m_perm, order = _permuted_operator(weight, C, H, W)
+        dense = torch.as_tensor(m_perm.toarray(), device=device)
+        order_t = torch.as_tensor(order, device=device)
+
+        def dense_solve(rhs, upper):
+            t = torch.as_tensor(rhs).reshape(B, -1).T[order_t]
+            sol = torch.linalg.solve_triangular(dense.T if upper else dense, t, upper=upper)
+            out = torch.empty_like(sol)
+            out[order_t] = sol
+            return out.T.reshape(rhs.shape)
+        yield (f"dense-torch{suffix}", device,
+               (lambda y, g: dense_solve(y, False)) if op == "inv"
+               else (lambda x, g: dense_solve(g, True)), inputs, None)
+    name = "cudnn-conv2d" if device == "cuda" else "torch-conv2d-cpu"
+    wt = torch.as_tensor(weight, device=device)
+    if op == "conv":
+        yield name, device, lambda x, g: F.conv2d(F.pad(torch.as_tensor(x), pad), wt), inputs, None
+    elif op == "conv_vjp":
+        def torch_vjp(x, g):
+            xt = torch.as_tensor(x).requires_grad_(True)
+            wr = wt.detach().requires_grad_(True)
+            y = F.conv2d(F.pad(xt, pad), wr)
+            return torch.autograd.grad(y, (xt, wr), torch.as_tensor(g))
+        yield name, device, torch_vjp, inputs, None
+
+
+def run(shapes, k, dtype, have_gpu, n_sets, repeats, budget_s, dense_limit_bytes,
+        skip_reference_above, on_shape_done=lambda rows: None):
+    rows = []
+    gpu_timer = GpuTimer() if have_gpu else None
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        weight, sets = make_problem(rng, shape, k, dtype, n_sets)
+        xp_sets = {"numpy": sets}
+        if have_gpu:
+            import cupy
+            xp_sets["cupy"] = [tuple(cupy.asarray(a) for a in s) for s in sets]
+        for op in OPS:
+            shape_rows = []
+            for name, device, fn, inputs, launches in implementations(
+                    op, shape, k, weight, xp_sets, have_gpu, dense_limit_bytes):
+                if (name == "reference-cpu" and have_gpu
+                        and math.prod(shape) > skip_reference_above):
+                    continue
+                try:
+                    if device == "cuda":
+                        times = gpu_timer(fn, inputs, repeats=repeats, budget_s=budget_s)
+                    else:
+                        times = cpu_timer(fn, inputs, repeats=max(3, repeats // 10),
+                                          budget_s=budget_s)
+                except Exception as exc:
+                    print(f"  {name} failed on {op} {shape}: {type(exc).__name__}: {exc}",
+                          file=sys.stderr)
+                    continue
+                med, q1, q3 = _quantiles(times)
+                shape_rows.append(dict(
+                    op=op, implementation=name, shape=list(shape), kernel_size=k,
+                    dtype=np.dtype(dtype).name, device=device, median_ms=med, q1_ms=q1,
+                    q3_ms=q3, repeats=len(times), launches=launches,
+                    diagonal_steps=(shape[2] + shape[3] - 1) if op.startswith("inv") else 0,
+                    min_bytes=min_bytes(op, shape, k, np.dtype(dtype).itemsize)))
+                print(f"{op:9s} {str(shape):20s} {name:18s} {med:10.3f} ms", flush=True)
+            # invconv's own row is the yardstick: its kernels on a GPU, else its
+            # reference backend (what invconv runs on the CPU).
+            base = next((r for r in shape_rows if r["implementation"].startswith("invconv")),
+                        next((r for r in shape_rows if r["implementation"] == "reference-cpu"),
+                             None))
+            for r in shape_rows:
+                r["ratio_to_invconv"] = r["median_ms"] / base["median_ms"] if base else None
+                r["baseline"] = base["implementation"] if base else None
+                r["GBps_floor"] = r["min_bytes"] / (r["median_ms"] * 1e-3) / 1e9
+            rows.extend(shape_rows)
+        on_shape_done(rows)
+    return rows
+
+
+def environment(have_gpu):
+    env = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               python=platform.python_version(), machine=platform.machine(),
+               processor=platform.processor(), numpy=np.__version__)
+    import scipy
+    env["scipy"] = scipy.__version__
+    try:
+        import torch
+        env["torch"] = torch.__version__
+    except ImportError:
+        pass
+    if have_gpu:
+        import cupy
+        env["cupy"] = cupy.__version__
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        env["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        env["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+    return env
+
+
+def markdown(rows, env):
+    lines = [f"Measured {env['date']} on {env.get('gpu', 'CPU only')} "
+             f"(CuPy {env.get('cupy', '-')}, torch {env.get('torch', '-')}, "
+             f"NumPy {env['numpy']}, SciPy {env['scipy']}). Median ms over repeats "
+             f"[q1, q3]; ratio = time / invconv's time in the same run.", "",
+             "| op | shape (B,C,H,W) | implementation | median ms | [q1, q3] | ratio | launches | diagonal steps | GB/s at the byte floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['ratio_to_invconv']:.2f}" if r["ratio_to_invconv"] is not None else "-"
+        lines.append(
+            f"| {r['op']} | {tuple(r['shape'])} | {r['implementation']} | {r['median_ms']:.3f} | "
+            f"[{r['q1_ms']:.3f}, {r['q3_ms']:.3f}] | {ratio} | {r['launches'] or '-'} | "
+            f"{r['diagonal_steps'] or '-'} | {r['GBps_floor']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="invconv bench", description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small CPU shapes (about a minute)")
+    mode.add_argument("--device-check", action="store_true", help="the GPU suite, time-boxed")
+    p.add_argument("--out", required=True, help="JSON file for the rows")
+    p.add_argument("--markdown", help="markdown table file")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--kernel-size", type=int, default=3)
+    args = p.parse_args(argv)
+
+    try:
+        import cupy
+        have_gpu = cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        have_gpu = False
+    if args.device_check and not have_gpu:
+        p.error("--device-check needs CuPy and a CUDA device")
+    shapes = FLOW_SHAPES if (args.device_check or (have_gpu and not args.quick)) else QUICK_SHAPES
+    env = environment(have_gpu)
+
+    def write(rows):  # after every shape, so a time-boxed run keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(markdown(rows, env))
+
+    rows = run(shapes, args.kernel_size, np.dtype(args.dtype), have_gpu,
+               n_sets=4 if have_gpu else 2, repeats=30 if have_gpu else 10,
+               budget_s=1.0, dense_limit_bytes=8 << 30, skip_reference_above=2_000_000,
+               on_shape_done=write)
+    if not rows:
+        raise SystemExit("no benchmark rows were produced")
+    print(f"{len(rows)} rows -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The benchmark harness runs and produces complete rows (speed is never asserted)."""
+import json
+
+import pytest
+
+from invconv import cli
+
+REQUIRED = {"op", "implementation", "shape", "dtype", "device", "median_ms", "q1_ms", "q3_ms",
+            "ratio_to_invconv", "min_bytes", "diagonal_steps"}
+
+
+def test_quick_bench_through_the_cli(tmp_path):
+    out, md = tmp_path / "ops.json", tmp_path / "ops.md"
+    cli.main(["bench", "--quick", "--out", str(out), "--markdown", str(md)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["op"] for r in rows} == {"inv", "inv_vjp", "conv", "conv_vjp"}
+    for r in rows:
+        assert REQUIRED <= r.keys()
+        assert r["median_ms"] > 0 and r["ratio_to_invconv"] > 0
+    baselines = [r for r in rows if r["implementation"] == r["baseline"]]
+    assert baselines and all(r["ratio_to_invconv"] == 1.0 for r in baselines)
+    assert md.read_text().count("\n|") >= len(rows)
+
+
+def test_model_timings_quick(tmp_path):
+    torch = pytest.importorskip("torch")  # noqa: F841
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    import bench_models
+    out = tmp_path / "models.json"
+    bench_models.main(["--quick", "--out", str(out), "--device", "cpu"])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"inverse-flow", "finc-flow", "glow"}
+    assert all(r["sampling_ms_100"] > 0 and r["parameters"] > 0 for r in rows)
