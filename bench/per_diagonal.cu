@@ -31,9 +31,8 @@ __global__ void diag_solve_step(const T* __restrict__ prep, T* __restrict__ x, i
                                 int H, int W, int G, int kh, int kw, int rs, int cs, int unit,
                                 int d) {
     const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
-    const int rmin = d - (W - 1) > 0 ? d - (W - 1) : 0;
-    const int rmax = d < H - 1 ? d : H - 1;
-    const int npix = rmax - rmin + 1;
+    const int rmin = s.diag_first(d);
+    const int npix = s.diag_length(d);
     const long long hw = s.hw(), total = (long long)B * C * npix;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
          e += (long long)gridDim.x * blockDim.x) {
@@ -42,8 +41,8 @@ __global__ void diag_solve_step(const T* __restrict__ prep, T* __restrict__ x, i
         const long long b = e / ((long long)npix * C);
         const int g = ch / s.cg, o = ch % s.cg;
         const int c = d - r;
-        const int h = rs > 0 ? r : H - 1 - r;
-        const int col = cs > 0 ? c : W - 1 - c;
+        const int h = s.image_row(r);
+        const int col = s.image_col(c);
         T* slice = x + (b * C + (long long)g * s.cg) * hw;
         const T* kp = prep + ic_prep_slot(s, g, 0);
         T acc = slice[o * hw + (long long)h * W + col];
@@ -65,9 +64,8 @@ __global__ void diag_adjoint_step(const T* __restrict__ prep, T* __restrict__ gw
                                   int H, int W, int G, int kh, int kw, int rs, int cs, int unit,
                                   int d) {
     const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
-    const int rmin = d - (W - 1) > 0 ? d - (W - 1) : 0;
-    const int rmax = d < H - 1 ? d : H - 1;
-    const int npix = rmax - rmin + 1;
+    const int rmin = s.diag_first(d);
+    const int npix = s.diag_length(d);
     const long long hw = s.hw(), total = (long long)B * C * npix;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
          e += (long long)gridDim.x * blockDim.x) {
@@ -76,8 +74,8 @@ __global__ void diag_adjoint_step(const T* __restrict__ prep, T* __restrict__ gw
         const long long b = e / ((long long)npix * C);
         const int g = ch / s.cg, i = ch % s.cg;
         const int c = d - r;
-        const int h = rs > 0 ? r : H - 1 - r;
-        const int col = cs > 0 ? c : W - 1 - c;
+        const int h = s.image_row(r);
+        const int col = s.image_col(c);
         T* slice = gw + (b * C + (long long)g * s.cg) * hw;
         const T* kp = prep + ic_prep_slot(s, g, 0);
         T acc = slice[i * hw + (long long)h * W + col];

@@ -67,15 +67,14 @@ __global__ void inv_conv_solve_adjoint(const T* __restrict__ gx, const T* __rest
     __syncthreads();
 
     for (int d = H + W - 2; d >= 0; --d) {
-        const int rmin = d - (W - 1) > 0 ? d - (W - 1) : 0;
-        const int rmax = d < H - 1 ? d : H - 1;
-        const int npix = rmax - rmin + 1;
+        const int rmin = s.diag_first(d);
+        const int npix = s.diag_length(d);
         for (int e = threadIdx.x; e < npix * cg; e += blockDim.x) {
             const int i = e / npix;
             const int r = rmin + e % npix;
             const int c = d - r;
-            const int h = rs > 0 ? r : H - 1 - r;
-            const int col = cs > 0 ? c : W - 1 - c;
+            const int h = s.image_row(r);
+            const int col = s.image_col(c);
             const long long idx = i * hw + (long long)h * W + col;
             T acc = work[idx];
             const int dumax = H - 1 - r < kh - 1 ? H - 1 - r : kh - 1;

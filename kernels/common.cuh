@@ -48,6 +48,16 @@ struct ConvShape {
     __device__ __forceinline__ int tap_u(int du) const { return rs > 0 ? kh - 1 - du : du; }
     __device__ __forceinline__ int tap_v(int dv) const { return cs > 0 ? kw - 1 - dv : dv; }
     __device__ __forceinline__ long long hw() const { return (long long)H * W; }
+
+    // The wavefront works in padded-corner coordinates (r, c): distances from
+    // the padded rows and columns. Anti-diagonal d holds the pixels with
+    // r + c = d, rows r in [diag_first(d), diag_first(d) + diag_length(d)).
+    __device__ __forceinline__ int diag_first(int d) const { return d - (W - 1) > 0 ? d - (W - 1) : 0; }
+    __device__ __forceinline__ int diag_length(int d) const {
+        return (d < H - 1 ? d : H - 1) - diag_first(d) + 1;
+    }
+    __device__ __forceinline__ int image_row(int r) const { return rs > 0 ? r : H - 1 - r; }
+    __device__ __forceinline__ int image_col(int c) const { return cs > 0 ? c : W - 1 - c; }
 };
 
 // The effective weight W_eff[o, il, u, v] for offset (du, dv): the same-pixel

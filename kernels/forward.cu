@@ -124,15 +124,14 @@ __global__ void inv_conv_solve(const T* __restrict__ y, const T* __restrict__ pr
     __syncthreads();
 
     for (int d = 0; d < H + W - 1; ++d) {
-        const int rmin = d - (W - 1) > 0 ? d - (W - 1) : 0;
-        const int rmax = d < H - 1 ? d : H - 1;
-        const int npix = rmax - rmin + 1;
+        const int rmin = s.diag_first(d);
+        const int npix = s.diag_length(d);
         for (int e = threadIdx.x; e < npix * cg; e += blockDim.x) {
             const int o = e / npix;
             const int r = rmin + e % npix;
             const int c = d - r;
-            const int h = rs > 0 ? r : H - 1 - r;
-            const int col = cs > 0 ? c : W - 1 - c;
+            const int h = s.image_row(r);
+            const int col = s.image_col(c);
             const long long idx = o * hw + (long long)h * W + col;
             T acc = work[idx];
             const int dumax = r < kh - 1 ? r : kh - 1;
