@@ -112,8 +112,9 @@ def effective_weight(weight, conv: Conv):
     multiplied, so a NaN stored there cannot leak into results.
     """
     xp = _array_module(weight)
-    mask = xp.asarray(conv.ignored_mask())
-    fill = np.zeros(conv.ignored_mask().shape, dtype=weight.dtype)
+    ignored = conv.ignored_mask()
+    mask = xp.asarray(ignored)
+    fill = np.zeros(ignored.shape, dtype=weight.dtype)
     if conv.unit_diagonal:
         u0, v0 = conv.same_pixel_tap
         c = np.arange(conv.channels)
@@ -166,16 +167,17 @@ def as_array(obj, name: str):
         device_type = int(obj.__dlpack_device__()[0])
     except Exception as exc:
         raise TypeError(f"{name}: __dlpack_device__() failed: {exc}") from exc
-    try:
-        if device_type == _DL_CPU:
-            return np.from_dlpack(obj), "numpy"
-        if device_type in (_DL_CUDA, _DL_CUDA_MANAGED):
-            cupy = _import_cupy(f"{name} lives on a CUDA device and")
-            return cupy.from_dlpack(obj), "cupy"
-    except (RuntimeError, BufferError, TypeError, ValueError) as exc:
-        if isinstance(exc, RuntimeError) and "needs CuPy" in str(exc):
-            raise
-        raise TypeError(f"{name} could not be imported through DLPack: {exc}") from exc
+    if device_type == _DL_CPU:
+        importer, kind = np.from_dlpack, "numpy"
+    elif device_type in (_DL_CUDA, _DL_CUDA_MANAGED):
+        importer, kind = _import_cupy(f"{name} lives on a CUDA device and").from_dlpack, "cupy"
+    else:
+        importer = None
+    if importer is not None:
+        try:
+            return importer(obj), kind
+        except (RuntimeError, BufferError, TypeError, ValueError) as exc:
+            raise TypeError(f"{name} could not be imported through DLPack: {exc}") from exc
     raise TypeError(
         f"{name} lives on DLPack device type {device_type}; only CPU (1) and "
         f"CUDA (2) arrays are supported")

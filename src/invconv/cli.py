@@ -243,7 +243,7 @@ def train(args):
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed + epoch))
         order = order[:per_rank * dist.world][dist.rank::dist.world]
         progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=main)
-        t0, seen = time.perf_counter(), 0
+        t0, seen, loss = time.perf_counter(), 0, None
         model.train()
         for step in range(state["step_in_epoch"], steps_per_epoch):
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
@@ -277,12 +277,14 @@ def train(args):
             scheduler.step()
         test_bpd = _test_bpd(model, test_x, args.batch_size, device, args.seed)
         record = dict(epoch=epoch + 1, global_step=state["global_step"], test_bpd=test_bpd,
-                      train_bpd=loss.item(), lr=optimizer.param_groups[0]["lr"],
+                      train_bpd=None if loss is None else loss.item(),
+                      lr=optimizer.param_groups[0]["lr"],
                       seconds=time.perf_counter() - t0)
         state["history"].append(record)
         if main:
             print(f"epoch {epoch + 1}: test bits/dim {test_bpd:.4f} "
-                  f"(train {loss.item():.4f}, {record['seconds']:.1f} s)", flush=True)
+                  f"(last train step {record['train_bpd'] or float('nan'):.4f}, "
+                  f"{record['seconds']:.1f} s)", flush=True)
         checkpoint()
         if main:
             with torch.no_grad():
