@@ -7,9 +7,9 @@
 #   bash bench/device_check.sh RESULTS_DIR
 #
 # Writes to RESULTS_DIR (8 files): summary.md (machine, what passed, the
-# timing tables), gpu_tests.log, sanitizer.log (memcheck and racecheck),
-# bench.log, ops.json and ops.md (op timings), models.json and models.md
-# (model timings).
+# op and model timing tables), gpu_tests.log, sanitizer.log (memcheck and
+# racecheck), bench.log, ops.json (op timings), models.json (model timings),
+# sweeps.json and sweeps.png (scaling sweeps; the plot needs matplotlib).
 set -u
 out=${1:?usage: bash bench/device_check.sh RESULTS_DIR}
 mkdir -p "$out"
@@ -20,6 +20,7 @@ export PYTHONUNBUFFERED=1
 status=0
 steps=$(mktemp)
 environment=$(mktemp)
+tables=$(mktemp -d)   # markdown tables: they go into summary.md
 
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
@@ -47,8 +48,9 @@ echo "|---|---|---|" >> "$steps"
 step gpu_tests gpu_tests.log 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_torch_gpu.py
 step memcheck sanitizer.log 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py
 step racecheck sanitizer.log 90 compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
-step bench_ops bench.log 150 python3 bench/bench_ops.py --device-check --out "$out/ops.json" --markdown "$out/ops.md"
-step bench_models bench.log 120 python3 bench/bench_models.py --out "$out/models.json" --markdown "$out/models.md"
+step bench_ops bench.log 150 python3 bench/bench_ops.py --device-check --out "$out/ops.json" --markdown "$tables/ops.md"
+step bench_models bench.log 120 python3 bench/bench_models.py --out "$out/models.json" --markdown "$tables/models.md"
+step bench_sweeps bench.log 150 python3 bench/bench_sweeps.py --out "$out/sweeps.json" --plot "$out/sweeps.png"
 
 {
   echo "# Device check"
@@ -62,8 +64,8 @@ step bench_models bench.log 120 python3 bench/bench_models.py --out "$out/models
   grep -E "passed|failed" "$out/gpu_tests.log" | tail -n 1
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/sanitizer.log"
   echo
-  [ -f "$out/ops.md" ] && cat "$out/ops.md"
+  [ -f "$tables/ops.md" ] && cat "$tables/ops.md"
   echo
-  [ -f "$out/models.md" ] && cat "$out/models.md"
+  [ -f "$tables/models.md" ] && cat "$tables/models.md"
 } > "$out/summary.md"
 exit $status

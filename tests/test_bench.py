@@ -33,3 +33,18 @@ def test_model_timings_quick(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["model"] for r in rows} == {"inverse-flow", "finc-flow", "glow"}
     assert all(r["sampling_ms_100"] > 0 and r["parameters"] > 0 for r in rows)
+
+
+def test_scaling_sweeps_quick(tmp_path):
+    import importlib.util
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    import bench_sweeps
+    out, png = tmp_path / "sweeps.json", tmp_path / "sweeps.png"
+    bench_sweeps.main(["--quick", "--out", str(out), "--plot", str(png)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["sweep"] for r in rows} == {"image size", "kernel size", "batch size", "channels"}
+    assert all(r["median_ms"] > 0 and r["peak_bytes"] > 0 for r in rows)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
