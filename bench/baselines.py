@@ -19,7 +19,8 @@ KERNELS = ("diag_lower_solve", "diag_solve_step", "diag_adjoint_step", "diag_upp
 
 
 class PerDiagonal:
-    """``solve``/``solve_adjoint`` with H + W - 1 launches each (plus 3)."""
+    """``solve``/``solve_adjoint`` with H + W - 1 launches each (plus 3);
+    ``inv_conv2d_vjp`` adds invconv's two-launch weight gradient."""
 
     def __init__(self, runtime: str = "cuda"):
         names = [template_name(k, t) for k in KERNELS for t in (np.float32, np.float64)]
@@ -76,3 +77,13 @@ class PerDiagonal:
         out = self.xp.empty_like(work)
         self._launch("diag_upper_solve", work.size, (work, prep, out, *shape), work.dtype)
         return out
+
+    def inv_conv2d_vjp(self, grad_x, x, weight, *, corner="top-left", groups=1,
+                       unit_diagonal=True):
+        """Same contract as :func:`invconv.inv_conv2d_vjp`: (grad_y, grad_weight)."""
+        conv = self._conv(x, weight, corner, groups, unit_diagonal)
+        grad_y = self.solve_adjoint(grad_x, weight, corner=corner, groups=groups,
+                                    unit_diagonal=unit_diagonal)
+        # x = A^-1 y, so dL/dA = -grad_y x^T: the same correlation as the
+        # convolution's weight gradient, negated.
+        return grad_y, self.ops.weight_grad(grad_y, x, -1.0, conv)

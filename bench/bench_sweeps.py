@@ -1,12 +1,14 @@
 """Scaling sweeps (the paper's Tables 7-10): time and peak memory of the inverse.
 
-    python3 bench/bench_sweeps.py --out sweeps.json [--plot sweeps.png] [--quick]
+    python3 bench/bench_sweeps.py --out sweeps.json [--markdown sweeps.md]
+                                  [--plot sweeps.png] [--quick]
 
 Four sweeps around a base problem, changing one thing at a time: image size
 (16..256), kernel size (2..11), batch size (1..128) and channels (1..48).
 For each point the inverse and its vjp are timed for invconv and for the same
 kernel maths scheduled one launch per anti-diagonal (bench/baselines.py), and
-the peak device memory an op allocates is recorded.
+the peak device memory an op allocates is recorded. Inputs rotate among three
+sets so repeated runs do not time a warm cache.
 
 On a GPU, every CuPy allocation of the ops goes through PyTorch's caching
 allocator (as in invconv.torch), so ``torch.cuda.max_memory_allocated`` sees
@@ -45,11 +47,16 @@ QUICK_SWEEPS = [
 OPS = ("inv", "inv_vjp")
 
 
+N_SETS = 3
+
+
 def _problem(rng, shape, dtype):
+    """The weight and N_SETS (x, grad) input pairs."""
     B, C, H, W, k = shape
     w = (rng.uniform(-1, 1, (C, C, k, k)) * (0.5 / (C * k * k))).astype(dtype)
-    x = rng.standard_normal((B, C, H, W)).astype(dtype)
-    return w, x
+    sets = [tuple(rng.standard_normal((B, C, H, W)).astype(dtype) for _ in range(2))
+            for _ in range(N_SETS)]
+    return w, sets
 
 
 def _gpu_runner():
@@ -58,35 +65,34 @@ def _gpu_runner():
     from invconv.torch import _cuda_context
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     from baselines import PerDiagonal
-    from invconv import _api
     per_diag = PerDiagonal("cuda")
     device = torch.device("cuda", cupy.cuda.Device().id)
 
-    def implementations(op, w, x):
-        wg, xg = cupy.asarray(w), cupy.asarray(x)
-        conv = _api.make_conv(w.shape, corner="top-left", groups=1, unit_diagonal=True)
+    def implementations(op, w, sets):
+        wg = cupy.asarray(w)
+        gsets = [tuple(cupy.asarray(a) for a in s) for s in sets]
         if op == "inv":
-            yield "invconv-cuda", lambda: invconv.inv_conv2d(xg, wg)
-            yield "per-diagonal-cuda", lambda: per_diag.solve(xg, wg)
+            yield "invconv-cuda", lambda x, g: invconv.inv_conv2d(x, wg), gsets
+            yield "per-diagonal-cuda", lambda x, g: per_diag.solve(x, wg), gsets
         else:
-            yield "invconv-cuda", lambda: invconv.inv_conv2d_vjp(xg, xg, wg)
-            yield "per-diagonal-cuda", lambda: per_diag.ops.weight_grad(
-                per_diag.solve_adjoint(xg, wg), xg, -1.0, conv)
+            yield "invconv-cuda", lambda x, g: invconv.inv_conv2d_vjp(g, x, wg), gsets
+            yield ("per-diagonal-cuda", lambda x, g: per_diag.inv_conv2d_vjp(g, x, wg),
+                   gsets)
 
-    def measure(fn, repeats, budget_s):
+    def measure(fn, inputs, repeats, budget_s):
         # Inside the context CuPy allocates from torch's caching allocator and
         # launches on torch's current stream, so torch's statistics see it all.
         with _cuda_context(device) as stream, stream:
-            for _ in range(2):
-                fn()
+            for args in inputs:
+                fn(*args)
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             times, t0 = [], time.perf_counter()
-            for _ in range(repeats):
+            for i in range(repeats):
                 start.record()
-                fn()
+                fn(*inputs[i % len(inputs)])
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end))
@@ -98,19 +104,20 @@ def _gpu_runner():
 
 
 def _cpu_runner():
-    def implementations(op, w, x):
+    def implementations(op, w, sets):
         if op == "inv":
-            yield "reference-cpu", lambda: invconv.reference.inv_conv2d(x, w)
+            yield "reference-cpu", lambda x, g: invconv.reference.inv_conv2d(x, w), sets
         else:
-            yield "reference-cpu", lambda: invconv.reference.inv_conv2d_vjp(x, x, w)
+            yield ("reference-cpu", lambda x, g: invconv.reference.inv_conv2d_vjp(g, x, w),
+                   sets)
 
-    def measure(fn, repeats, budget_s):
-        fn()
+    def measure(fn, inputs, repeats, budget_s):
+        fn(*inputs[0])
         times, t0 = [], time.perf_counter()
         tracemalloc.start()
-        for _ in range(repeats):
+        for i in range(repeats):
             s = time.perf_counter()
-            fn()
+            fn(*inputs[i % len(inputs)])
             times.append((time.perf_counter() - s) * 1e3)
             if time.perf_counter() - t0 > budget_s:
                 break
@@ -127,10 +134,11 @@ def run(quick, gpu, dtype=np.float32):
     for sweep, values, make in (QUICK_SWEEPS if quick else GPU_SWEEPS):
         for value in values:
             B, C, H, W, k = make(value)
-            w, x = _problem(rng, (B, C, H, W, k), dtype)
+            w, sets = _problem(rng, (B, C, H, W, k), dtype)
             for op in OPS:
-                for name, fn in implementations(op, w, x):
-                    times, peak = measure(fn, repeats=5 if quick else 20, budget_s=1.0)
+                for name, fn, inputs in implementations(op, w, sets):
+                    times, peak = measure(fn, inputs, repeats=5 if quick else 20,
+                                          budget_s=1.0)
                     rows.append(dict(sweep=sweep, value=value, op=op, implementation=name,
                                      shape=[B, C, H, W], kernel_size=k,
                                      dtype=np.dtype(dtype).name,
@@ -143,6 +151,36 @@ def run(quick, gpu, dtype=np.float32):
     env = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                device=device_name, numpy=np.__version__)
     return env, rows
+
+
+def markdown(rows, env):
+    """One line per sweep point: each implementation's median ms and peak MiB
+    for each op, and the other implementations' time as a multiple of the
+    first's (invconv's on a GPU)."""
+    impls = list(dict.fromkeys(r["implementation"] for r in rows))
+    cell = {(r["sweep"], r["value"], r["op"], r["implementation"]): r for r in rows}
+    head = ["sweep", "value", "B,C,H,W", "k"]
+    for op in OPS:
+        head += [f"{op} {i} ms" for i in impls]
+        head += [f"{op} {i} / {impls[0]}" for i in impls[1:]]
+        head += [f"{op} {i} peak MiB" for i in impls]
+    peak = ("device memory the op allocated (outputs and scratch), from torch's allocator"
+            if env["device"] != "CPU" else "what tracemalloc saw the op allocate")
+    lines = [f"Measured {env['date']} on {env['device']}, {rows[0]['dtype']}. Median ms; "
+             f"peak = {peak}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for sweep, value in dict.fromkeys((r["sweep"], r["value"]) for r in rows):
+        first = next(r for r in rows if (r["sweep"], r["value"]) == (sweep, value))
+        line = [sweep, str(value), ",".join(map(str, first["shape"])),
+                str(first["kernel_size"])]
+        for op in OPS:
+            got = [cell.get((sweep, value, op, i)) for i in impls]
+            line += [f"{r['median_ms']:.3f}" if r else "-" for r in got]
+            line += [f"{r['median_ms'] / got[0]['median_ms']:.2f}" if r and got[0] else "-"
+                     for r in got[1:]]
+            line += [f"{r['peak_bytes'] / 2**20:.2f}" if r else "-" for r in got]
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows, env, path):
@@ -173,6 +211,7 @@ def plot(rows, env, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file for the rows")
+    p.add_argument("--markdown", help="markdown table file")
     p.add_argument("--plot", help="PNG of the sweeps (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="small CPU sweeps, reference only")
     args = p.parse_args(argv)
@@ -188,6 +227,9 @@ def main(argv=None):
         raise SystemExit("no sweep rows were produced")
     with open(args.out, "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows, env))
     if args.plot:
         try:
             plot(rows, env, args.plot)

@@ -7,7 +7,7 @@
 #   bash bench/device_check.sh RESULTS_DIR
 #
 # Writes to RESULTS_DIR (8 files): summary.md (machine, what passed, the
-# op and model timing tables), gpu_tests.log, sanitizer.log (memcheck and
+# op, model and sweep tables), gpu_tests.log, sanitizer.log (memcheck and
 # racecheck), bench.log, ops.json (op timings), models.json (model timings),
 # sweeps.json and sweeps.png (scaling sweeps; the plot needs matplotlib).
 set -u
@@ -28,7 +28,8 @@ tables=$(mktemp -d)   # markdown tables: they go into summary.md
   python3 -c "import sys, numpy, scipy, cupy; print('python', sys.version.split()[0]); print('numpy', numpy.__version__, 'scipy', scipy.__version__, 'cupy', cupy.__version__, 'cuda runtime', cupy.cuda.runtime.runtimeGetVersion())"
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
   nvcc --version 2>&1 | tail -1
-  git -C "$root" rev-parse HEAD 2>/dev/null || true
+  # The device machine gets the working tree without .git: the caller may pass the commit.
+  echo "commit ${INVCONV_COMMIT:-$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)}"
 } > "$environment" 2>&1
 cat "$environment"
 
@@ -50,7 +51,7 @@ step memcheck sanitizer.log 90 compute-sanitizer --tool memcheck --error-exitcod
 step racecheck sanitizer.log 90 compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
 step bench_ops bench.log 150 python3 bench/bench_ops.py --device-check --out "$out/ops.json" --markdown "$tables/ops.md"
 step bench_models bench.log 120 python3 bench/bench_models.py --out "$out/models.json" --markdown "$tables/models.md"
-step bench_sweeps bench.log 150 python3 bench/bench_sweeps.py --out "$out/sweeps.json" --plot "$out/sweeps.png"
+step bench_sweeps bench.log 150 python3 bench/bench_sweeps.py --out "$out/sweeps.json" --markdown "$tables/sweeps.md" --plot "$out/sweeps.png"
 
 {
   echo "# Device check"
@@ -67,5 +68,7 @@ step bench_sweeps bench.log 150 python3 bench/bench_sweeps.py --out "$out/sweeps
   [ -f "$tables/ops.md" ] && cat "$tables/ops.md"
   echo
   [ -f "$tables/models.md" ] && cat "$tables/models.md"
+  echo
+  [ -f "$tables/sweeps.md" ] && cat "$tables/sweeps.md"
 } > "$out/summary.md"
 exit $status

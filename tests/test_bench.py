@@ -41,10 +41,14 @@ def test_scaling_sweeps_quick(tmp_path):
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
     import bench_sweeps
-    out, png = tmp_path / "sweeps.json", tmp_path / "sweeps.png"
-    bench_sweeps.main(["--quick", "--out", str(out), "--plot", str(png)])
+    out, png, md = tmp_path / "sweeps.json", tmp_path / "sweeps.png", tmp_path / "sweeps.md"
+    bench_sweeps.main(["--quick", "--out", str(out), "--plot", str(png), "--markdown", str(md)])
     rows = json.loads(out.read_text())["rows"]
     assert {r["sweep"] for r in rows} == {"image size", "kernel size", "batch size", "channels"}
     assert all(r["median_ms"] > 0 and r["peak_bytes"] > 0 for r in rows)
+    points = {(r["sweep"], r["value"]) for r in rows}
+    table = [line for line in md.read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(points)          # header + one line per sweep point
+    assert all(line.count("|") == table[0].count("|") for line in table)
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -102,8 +102,12 @@ def test_per_diagonal_baseline_matches_reference():
             x = rng.standard_normal((2, 3, 5, 4))
             opts = dict(corner=corner, groups=groups, unit_diagonal=True)
             assert_close(base.solve(x, w, **opts), invconv.reference.inv_conv2d(x, w, **opts))
-            gy, _ = invconv.reference.inv_conv2d_vjp(x, x, w, **opts)
-            assert_close(base.solve_adjoint(x, w, **opts), gy)
+            g = rng.standard_normal(x.shape)
+            want_gy, want_gw = invconv.reference.inv_conv2d_vjp(g, x, w, **opts)
+            assert_close(base.solve_adjoint(g, w, **opts), want_gy)
+            got_gy, got_gw = base.inv_conv2d_vjp(g, x, w, **opts)
+            assert_close(got_gy, want_gy)
+            assert_close(got_gw, want_gw)
 
 
 RACE_SCRIPT = '''

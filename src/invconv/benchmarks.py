@@ -147,12 +147,8 @@ def implementations(op, shape, k, weight, xp_sets, have_gpu, dense_limit_bytes):
                 yield ("per-diagonal-cuda", "cuda", lambda y, g: per_diag.solve(y, wg), gsets,
                        steps + 3)
             else:
-                def pd_vjp(x, g):
-                    gy = per_diag.solve_adjoint(g, wg)
-                    conv = _api.make_conv(wg.shape, corner="top-left", groups=1,
-                                          unit_diagonal=True)
-                    return gy, per_diag.ops.weight_grad(gy, x, -1.0, conv)
-                yield "per-diagonal-cuda", "cuda", pd_vjp, gsets, steps + 5
+                yield ("per-diagonal-cuda", "cuda",
+                       lambda x, g: per_diag.inv_conv2d_vjp(g, x, wg), gsets, steps + 5)
 
         if op in ("inv", "inv_vjp"):
             m_perm, order = _permuted_operator(weight, C, H, W)
