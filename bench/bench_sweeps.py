@@ -6,8 +6,10 @@
 Four sweeps around a base problem, changing one thing at a time: image size
 (16..256), kernel size (2..11), batch size (1..128) and channels (1..48).
 For each point the inverse and its vjp are timed for invconv and for the same
-kernel maths scheduled one launch per anti-diagonal (bench/baselines.py), and
-the peak device memory an op allocates is recorded. Inputs rotate among three
+kernel maths scheduled one launch per anti-diagonal (bench/baselines.py), each
+called eagerly from Python and replayed from a CUDA graph (the GPU work alone,
+without Python's per-launch cost), and the peak device memory an eager call
+allocates is recorded. Inputs rotate among three
 sets so repeated runs do not time a warm cache.
 
 On a GPU, every CuPy allocation of the ops goes through PyTorch's caching
@@ -62,6 +64,7 @@ def _problem(rng, shape, dtype):
 def _gpu_runner():
     import cupy
     import torch
+    from invconv.benchmarks import CudaGraphReplay, GpuTimer
     from invconv.torch import _cuda_context
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     from baselines import PerDiagonal
@@ -72,14 +75,19 @@ def _gpu_runner():
         wg = cupy.asarray(w)
         gsets = [tuple(cupy.asarray(a) for a in s) for s in sets]
         if op == "inv":
-            yield "invconv-cuda", lambda x, g: invconv.inv_conv2d(x, wg), gsets
-            yield "per-diagonal-cuda", lambda x, g: per_diag.solve(x, wg), gsets
+            fns = {"invconv-cuda": lambda x, g: invconv.inv_conv2d(x, wg),
+                   "per-diagonal-cuda": lambda x, g: per_diag.solve(x, wg)}
         else:
-            yield "invconv-cuda", lambda x, g: invconv.inv_conv2d_vjp(g, x, wg), gsets
-            yield ("per-diagonal-cuda", lambda x, g: per_diag.inv_conv2d_vjp(g, x, wg),
-                   gsets)
+            fns = {"invconv-cuda": lambda x, g: invconv.inv_conv2d_vjp(g, x, wg),
+                   "per-diagonal-cuda": lambda x, g: per_diag.inv_conv2d_vjp(g, x, wg)}
+        for name, fn in fns.items():
+            yield name, fn, gsets
+        for name, fn in fns.items():
+            yield name + "-graph", CudaGraphReplay(fn), gsets
 
     def measure(fn, inputs, repeats, budget_s):
+        if isinstance(fn, CudaGraphReplay):  # timing only: the graph's memory is its own pool
+            return GpuTimer()(fn, inputs, warmup=2, repeats=repeats, budget_s=budget_s), None
         # Inside the context CuPy allocates from torch's caching allocator and
         # launches on torch's current stream, so torch's statistics see it all.
         with _cuda_context(device) as stream, stream:
@@ -144,41 +152,49 @@ def run(quick, gpu, dtype=np.float32):
                                      dtype=np.dtype(dtype).name,
                                      median_ms=statistics.median(times),
                                      min_ms=min(times), repeats=len(times),
-                                     peak_bytes=int(peak), diagonal_steps=H + W - 1))
-                    print(f"{sweep:11s} {value:4d} {op:8s} {name:18s} "
-                          f"{rows[-1]['median_ms']:9.3f} ms  peak {peak / 2**20:9.2f} MiB",
-                          flush=True)
+                                     peak_bytes=None if peak is None else int(peak),
+                                     diagonal_steps=H + W - 1))
+                    peak_text = "-" if peak is None else f"{peak / 2**20:.2f} MiB"
+                    print(f"{sweep:11s} {value:4d} {op:8s} {name:24s} "
+                          f"{rows[-1]['median_ms']:9.3f} ms  peak {peak_text}", flush=True)
     env = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                device=device_name, numpy=np.__version__)
     return env, rows
 
 
 def markdown(rows, env):
-    """One line per sweep point: each implementation's median ms and peak MiB
-    for each op, and the other implementations' time as a multiple of the
-    first's (invconv's on a GPU)."""
+    """One line per sweep point and op: each implementation's median ms, each
+    other implementation's time over invconv's timed the same way (eager or
+    graph replay), and the peak memory of the eager calls."""
     impls = list(dict.fromkeys(r["implementation"] for r in rows))
+    first = impls[0]
+
+    def base(impl):  # the invconv row timed the same way as impl
+        twin = first + "-graph" if impl.endswith("-graph") else first
+        return twin if twin in impls and twin != impl else None
+    compared = [i for i in impls if base(i)]
+    measured_peak = [i for i in impls
+                     if any(r["peak_bytes"] is not None
+                            for r in rows if r["implementation"] == i)]
     cell = {(r["sweep"], r["value"], r["op"], r["implementation"]): r for r in rows}
-    head = ["sweep", "value", "B,C,H,W", "k"]
-    for op in OPS:
-        head += [f"{op} {i} ms" for i in impls]
-        head += [f"{op} {i} / {impls[0]}" for i in impls[1:]]
-        head += [f"{op} {i} peak MiB" for i in impls]
+    head = (["sweep", "value", "B,C,H,W", "k", "op"] + [f"{i} ms" for i in impls]
+            + [f"{i} / {base(i)}" for i in compared]
+            + [f"{i} peak MiB" for i in measured_peak])
     peak = ("device memory the op allocated (outputs and scratch), from torch's allocator"
             if env["device"] != "CPU" else "what tracemalloc saw the op allocate")
     lines = [f"Measured {env['date']} on {env['device']}, {rows[0]['dtype']}. Median ms; "
              f"peak = {peak}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for sweep, value in dict.fromkeys((r["sweep"], r["value"]) for r in rows):
-        first = next(r for r in rows if (r["sweep"], r["value"]) == (sweep, value))
-        line = [sweep, str(value), ",".join(map(str, first["shape"])),
-                str(first["kernel_size"])]
-        for op in OPS:
-            got = [cell.get((sweep, value, op, i)) for i in impls]
-            line += [f"{r['median_ms']:.3f}" if r else "-" for r in got]
-            line += [f"{r['median_ms'] / got[0]['median_ms']:.2f}" if r and got[0] else "-"
-                     for r in got[1:]]
-            line += [f"{r['peak_bytes'] / 2**20:.2f}" if r else "-" for r in got]
+    for sweep, value, op in dict.fromkeys((r["sweep"], r["value"], r["op"]) for r in rows):
+        got = {i: cell.get((sweep, value, op, i)) for i in impls}
+        any_row = next(r for r in got.values() if r)
+        line = [sweep, str(value), ",".join(map(str, any_row["shape"])),
+                str(any_row["kernel_size"]), op]
+        line += [f"{r['median_ms']:.3f}" if r else "-" for r in got.values()]
+        line += [f"{got[i]['median_ms'] / got[base(i)]['median_ms']:.2f}"
+                 if got[i] and got[base(i)] else "-" for i in compared]
+        line += [f"{got[i]['peak_bytes'] / 2**20:.2f}"
+                 if got[i] and got[i]["peak_bytes"] is not None else "-" for i in measured_peak]
         lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines) + "\n"
 
@@ -195,6 +211,7 @@ def plot(rows, env, path):
         for key in dict.fromkeys((r["implementation"], r["op"]) for r in sub):
             pts = [r for r in sub if (r["implementation"], r["op"]) == key]
             ax.plot([r["value"] for r in pts], [r["median_ms"] for r in pts], marker="o",
+                    linestyle="--" if key[0].endswith("-graph") else "-",
                     label=f"{key[0]} {key[1]}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

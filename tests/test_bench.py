@@ -46,9 +46,9 @@ def test_scaling_sweeps_quick(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["sweep"] for r in rows} == {"image size", "kernel size", "batch size", "channels"}
     assert all(r["median_ms"] > 0 and r["peak_bytes"] > 0 for r in rows)
-    points = {(r["sweep"], r["value"]) for r in rows}
+    points = {(r["sweep"], r["value"], r["op"]) for r in rows}
     table = [line for line in md.read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + len(points)          # header + one line per sweep point
+    assert len(table) == 1 + len(points)          # header + one line per sweep point and op
     assert all(line.count("|") == table[0].count("|") for line in table)
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
