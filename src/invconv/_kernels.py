@@ -14,6 +14,7 @@ adjoint 3, weight gradient 2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import pathlib
 
@@ -30,15 +31,45 @@ KERNELS = {
 }
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 WG_TAPS = 9  # IC_WG_TAPS in backward.cu: partial sums per thread in the weight gradient
+# Channels per thread (template argument CH) of the two convolution kernels.
+CONV_CHANNELS = (1, 2, 4)
+_EXTRA_TEMPLATE_ARGS = {"masked_conv_forward": CONV_CHANNELS,
+                        "masked_conv_adjoint": CONV_CHANNELS}
 
 
-def template_name(kernel: str, dtype) -> str:
-    """``"inv_conv_solve<float>"``: the name expression of one instantiation."""
-    return f"{kernel}<{_CTYPES[np.dtype(dtype)]}>"
+def conv_channels_per_thread(group_channels: int) -> int:
+    """CH of the convolution kernels for a group size. Measured on the H200
+    (2026-11-28, k = 3, B = 100): 2 channels a thread beat 1 by 1.3-1.8x from
+    12 to 48 channels, and beat 4 there (4 a thread need more registers);
+    at 3 channels one thread covering the group is 1.1-1.3x faster than 2 a
+    thread (about even at 4); a single channel gains nothing from more."""
+    if group_channels <= 2:
+        return group_channels
+    return 4 if group_channels <= 4 else 2
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_scalars(shape, conv: Conv):
+    """The kernels' shape arguments (B, C, H, W, G, kh, kw, row sign, col sign,
+    unit diagonal) as int32 scalars; cached, as building them costs several
+    microseconds a launch."""
+    B, C, H, W = shape
+    return tuple(np.int32(v) for v in (B, C, H, W, conv.groups, conv.kh, conv.kw,
+                                       conv.row_sign, conv.col_sign, conv.unit_diagonal))
+
+
+def template_name(kernel: str, dtype, *extra) -> str:
+    """``"inv_conv_solve<float>"``, ``"masked_conv_forward<double, 2>"``: the
+    name expression of one instantiation."""
+    return f"{kernel}<{', '.join([_CTYPES[np.dtype(dtype)], *map(str, extra)])}>"
 
 
 def name_expressions(source: str) -> list[str]:
-    return [template_name(k, t) for k in KERNELS[source] for t in _CTYPES]
+    names = []
+    for kernel in KERNELS[source]:
+        extras = [(v,) for v in _EXTRA_TEMPLATE_ARGS.get(kernel, ())] or [()]
+        names += [template_name(kernel, t, *e) for t in _CTYPES for e in extras]
+    return names
 
 
 def kernel_dir() -> pathlib.Path:
@@ -82,28 +113,40 @@ class KernelOps:
         self.xp = xp
         self.module_for = module_for
         self.limits_for = limits_for
+        self._functions = {}
 
     # -- helpers ---------------------------------------------------------
-    def _function(self, source, kernel, dtype):
-        return self.module_for(source).get_function(template_name(kernel, dtype))
+    # Host time matters at flow sizes, where a kernel runs for microseconds:
+    # CuPy's get_function and the thread-limit query cost about 4 us a launch
+    # (measured on the H200 host, bench/profile_host.py), so a function is
+    # looked up once per module.
+    def _function(self, source, kernel, dtype, *extra):
+        """``(kernel function, its most threads per block)``; the limit can be
+        below 1024 when the compiled kernel uses many registers."""
+        module = self.module_for(source)
+        key = (source, kernel, dtype, extra)
+        hit = self._functions.get(key)
+        if hit is None or hit[0] is not module:   # a new module (device) compiles anew
+            fn = module.get_function(template_name(kernel, dtype, *extra))
+            hit = (module, fn, fn.max_threads_per_block)
+            self._functions[key] = hit
+        return hit[1], hit[2]
 
     def _shape_args(self, a, conv: Conv):
-        B, C, H, W = a.shape
-        return tuple(np.int32(v) for v in (B, C, H, W, conv.groups, conv.kh, conv.kw,
-                                           conv.row_sign, conv.col_sign, conv.unit_diagonal))
+        return _shape_scalars(a.shape, conv)
 
     @property
     def limits(self) -> LaunchLimits:
         return self.limits_for()
 
-    def _grid(self, n, block):
-        return max(1, min(-(-n // block), self.limits.max_grid))
+    @staticmethod
+    def _grid(n, block, limits):
+        return max(1, min(-(-n // block), limits.max_grid))
 
     @staticmethod
-    def _block(fn, wanted):
-        """``wanted`` threads, capped by what the compiled kernel allows
-        (its register use can lower the limit below 1024)."""
-        return max(1, min(wanted, fn.max_threads_per_block))
+    def _block(max_threads, wanted):
+        """``wanted`` threads, capped by what the compiled kernel allows."""
+        return max(1, min(wanted, max_threads))
 
     def _contiguous(self, a):
         return self.xp.ascontiguousarray(a)
@@ -112,9 +155,14 @@ class KernelOps:
     def _elementwise(self, source, kernel, a, weight, conv):
         a, weight = self._contiguous(a), self._contiguous(weight)
         out = self.xp.empty(a.shape, dtype=a.dtype)
-        fn = self._function(source, kernel, a.dtype)
-        block = self._block(fn, self.limits.block)
-        fn((self._grid(a.size, block),), (block,), (a, weight, out, *self._shape_args(a, conv)))
+        per_thread = conv_channels_per_thread(conv.group_channels)
+        fn, max_threads = self._function(source, kernel, a.dtype, per_thread)
+        lim = self.limits
+        block = self._block(max_threads, lim.block)
+        B, C, H, W = a.shape
+        threads = B * conv.groups * -(-conv.group_channels // per_thread) * H * W
+        fn((self._grid(threads, block, lim),), (block,),
+           (a, weight, out, *self._shape_args(a, conv)))
         return out
 
     def forward(self, x, weight, conv):
@@ -131,14 +179,15 @@ class KernelOps:
         args = (weight, prep, np.int32(conv.channels), np.int32(conv.groups),
                 np.int32(conv.kh), np.int32(conv.kw), np.int32(conv.row_sign),
                 np.int32(conv.col_sign), np.int32(conv.unit_diagonal))
-        fn = self._function("forward.cu", "inv_conv_lower_inverse", weight.dtype)
-        fn((conv.groups,), (self._block(fn, min(self.limits.max_block, -(-cg // 32) * 32)),),
+        lim = self.limits
+        fn, max_threads = self._function("forward.cu", "inv_conv_lower_inverse", weight.dtype)
+        fn((conv.groups,), (self._block(max_threads, min(lim.max_block, -(-cg // 32) * 32)),),
            args)
         n = conv.groups * (conv.kh * conv.kw - 1) * cg * cg
         if n:
-            fn = self._function("forward.cu", "inv_conv_fold_taps", weight.dtype)
-            block = self._block(fn, self.limits.block)
-            fn((self._grid(n, block),), (block,), args)
+            fn, max_threads = self._function("forward.cu", "inv_conv_fold_taps", weight.dtype)
+            block = self._block(max_threads, lim.block)
+            fn((self._grid(n, block, lim),), (block,), args)
         return prep
 
     def _wavefront(self, kernel, source, rhs, weight, conv):
@@ -149,15 +198,16 @@ class KernelOps:
         cg, item = conv.group_channels, rhs.dtype.itemsize
         kp_bytes = conv.kh * conv.kw * cg * cg * item
         slice_bytes = cg * H * W * item
-        kp_in_smem = kp_bytes <= self.limits.smem_bytes
+        lim = self.limits
+        kp_in_smem = kp_bytes <= lim.smem_bytes
         used = kp_bytes if kp_in_smem else 0
-        slice_in_smem = used + slice_bytes <= self.limits.smem_bytes
+        slice_in_smem = used + slice_bytes <= lim.smem_bytes
         shared = used + (slice_bytes if slice_in_smem else 0)
-        fn = self._function(source, kernel, rhs.dtype)
+        fn, max_threads = self._function(source, kernel, rhs.dtype)
         if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
             fn.max_dynamic_shared_size_bytes = shared
         diagonal = min(H, W) * cg
-        block = self._block(fn, min(self.limits.max_block, max(32, -(-diagonal // 32) * 32)))
+        block = self._block(max_threads, min(lim.max_block, max(32, -(-diagonal // 32) * 32)))
         fn((B * conv.groups,), (block,),
            (rhs, prep, out, *self._shape_args(rhs, conv), np.int32(kp_in_smem),
             np.int32(slice_in_smem)), shared_mem=shared)
@@ -182,14 +232,15 @@ class KernelOps:
         block, per_split = lim.block, -(-B * H * W // splits)
         while block > 32 and per_split < 16 * block:
             block //= 2
-        fn = self._function("backward.cu", "conv_weight_grad_partial", x.dtype)
-        block = self._block(fn, block)
-        fn((C * cg, splits), (block,), (grad_out, x, partial, *self._shape_args(x, conv)),
+        fn, max_threads = self._function("backward.cu", "conv_weight_grad_partial", x.dtype)
+        block = self._block(max_threads, block)
+        shape = self._shape_args(x, conv)
+        fn((C * cg, splits), (block,), (grad_out, x, partial, *shape),
            shared_mem=block * WG_TAPS * x.dtype.itemsize)
         out = self.xp.empty((C, cg, conv.kh, conv.kw), dtype=x.dtype)
-        fn = self._function("backward.cu", "conv_weight_grad_combine", x.dtype)
-        shape = self._shape_args(x, conv)[1:]
-        block = self._block(fn, lim.block)
-        fn((self._grid(out.size, block),), (block,),
-           (partial, out, np.int32(splits), x.dtype.type(scale), shape[0], *shape[3:]))
+        fn, max_threads = self._function("backward.cu", "conv_weight_grad_combine", x.dtype)
+        block = self._block(max_threads, lim.block)
+        # (C, G, kh, kw, row sign, col sign, unit): the shape scalars without B, H, W
+        fn((self._grid(out.size, block, lim),), (block,),
+           (partial, out, np.int32(splits), x.dtype.type(scale), shape[1], *shape[4:]))
         return out
