@@ -7,7 +7,7 @@
 #   bash bench/device_check.sh RESULTS_DIR
 #
 # Writes to RESULTS_DIR (8 files): summary.md (machine, what passed, the
-# op, model and sweep tables), gpu_tests.log, sanitizer.log (memcheck and
+# op, model and sweep tables, host cost per call), gpu_tests.log, sanitizer.log (memcheck and
 # racecheck), bench.log, ops.json (op timings), models.json (model timings),
 # sweeps.json and sweeps.png (scaling sweeps; the plot needs matplotlib).
 set -u
@@ -51,6 +51,7 @@ step memcheck sanitizer.log 90 compute-sanitizer --tool memcheck --error-exitcod
 step racecheck sanitizer.log 90 compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
 step bench_ops bench.log 150 python3 bench/bench_ops.py --device-check --out "$out/ops.json" --markdown "$tables/ops.md"
 step bench_models bench.log 120 python3 bench/bench_models.py --out "$out/models.json" --markdown "$tables/models.md"
+step host_profile bench.log 60 python3 bench/profile_host.py --calls 300 --out "$tables/host.txt"
 step bench_sweeps bench.log 150 python3 bench/bench_sweeps.py --out "$out/sweeps.json" --markdown "$tables/sweeps.md" --plot "$out/sweeps.png"
 
 {
@@ -70,5 +71,11 @@ step bench_sweeps bench.log 150 python3 bench/bench_sweeps.py --out "$out/sweeps
   [ -f "$tables/models.md" ] && cat "$tables/models.md"
   echo
   [ -f "$tables/sweeps.md" ] && cat "$tables/sweeps.md"
+  echo
+  if [ -f "$tables/host.txt" ]; then
+    echo '```'
+    sed -n '1,/^$/p' "$tables/host.txt"   # the host-cost table; the profiles are in bench.log
+    echo '```'
+  fi
 } > "$out/summary.md"
 exit $status
