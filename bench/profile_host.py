@@ -52,14 +52,15 @@ def main(argv=None):
         "conv2d_vjp": lambda: invconv.conv2d_vjp(x, x, w),
         "inv_conv2d_vjp": lambda: invconv.inv_conv2d_vjp(x, x, w),
     }
-    fn = _cuda._module("forward.cu").get_function("masked_conv_forward<float>")
+    from invconv._kernels import conv_channels_per_thread, template_name
+    kernel_name = template_name("masked_conv_forward", np.float32, conv_channels_per_thread(1))
+    fn = _cuda._module("forward.cu").get_function(kernel_name)
     y = cupy.empty_like(x)
     shape = tuple(np.int32(v) for v in (1, 1, 4, 4, 1, 3, 3, 1, 1, 1))
     primitives = {
         "cupy.empty": lambda: cupy.empty((1, 1, 4, 4), dtype=np.float32),
         "cupy.ascontiguousarray (already contiguous)": lambda: cupy.ascontiguousarray(x),
-        "RawModule.get_function": lambda: _cuda._module("forward.cu").get_function(
-            "masked_conv_forward<float>"),
+        "RawModule.get_function": lambda: _cuda._module("forward.cu").get_function(kernel_name),
         "Function.max_threads_per_block": lambda: fn.max_threads_per_block,
         "cupy.cuda.Device()": lambda: cupy.cuda.Device(),
         "x.device.id": lambda: x.device.id,
