@@ -52,3 +52,25 @@ def test_scaling_sweeps_quick(tmp_path):
     assert all(line.count("|") == table[0].count("|") for line in table)
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_quotes_the_results_it_names():
+    # The README's performance tables are printed by bench/readme_tables.py
+    # from a committed results folder; they must match that folder exactly.
+    import contextlib
+    import io
+    import pathlib
+    import re
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    import readme_tables
+    readme = (root / "README.md").read_text()
+    folder = re.search(r"python3 bench/readme_tables\.py (\S+?)`", readme).group(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        readme_tables.main([str(root / folder)])
+    tables = [t.strip() for t in out.getvalue().split("\n\n") if t.strip()]
+    assert len(tables) == 3
+    for table in tables:
+        assert table in readme, table.splitlines()[2]

@@ -48,6 +48,28 @@ def test_kernels_match_reference_under_any_launch_shape(limits, p):
         assert_close(a, e)
 
 
+@pytest.mark.parametrize("group_channels", range(1, 10))
+def test_convolutions_for_every_channels_per_thread(group_channels):
+    # The convolution kernels accumulate 1, 2 or 4 channels a thread; group
+    # sizes 1..9 reach every variant, whole and partial last chunks, with
+    # two groups so a chunk never reads into the next group.
+    from invconv._kernels import conv_channels_per_thread
+    assert {conv_channels_per_thread(c) for c in range(1, 10)} == {1, 2, 4}
+    rng = np.random.default_rng(group_channels)
+    C = 2 * group_channels
+    for corner, unit in (("top-left", True), ("bottom-right", False)):
+        w = rng.uniform(-0.3, 0.3, (C, group_channels, 3, 2))
+        x, g = rng.standard_normal((2, C, 4, 5)), rng.standard_normal((2, C, 4, 5))
+        opts = dict(corner=corner, groups=2, unit_diagonal=unit)
+        for op, args in (("conv2d", (x, w)), ("conv2d_vjp", (g, x, w))):
+            want = getattr(invconv.reference, op)(*args, **opts)
+            with _emulated.launch_limits(block=7, max_grid=3):
+                got = getattr(invconv, op)(*args, backend="emulator", **opts)
+            for a, e in zip(got if op.endswith("vjp") else [got],
+                            want if op.endswith("vjp") else [want]):
+                assert_close(a, e)
+
+
 class _CountingModule:
     def __init__(self, module, counts):
         self.module, self.counts = module, counts

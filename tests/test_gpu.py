@@ -99,3 +99,25 @@ def test_mixed_devices_are_refused():
     x = cupy.zeros((1, 2, 3, 3), dtype=cupy.float32)
     with pytest.raises(ValueError, match="one device"):
         invconv.conv2d(x, np.zeros((2, 2, 3, 3), dtype=np.float32))
+
+
+def test_benchmark_graph_replays_match_eager_calls():
+    # The benchmarks time CUDA-graph replays; a replay must compute what the
+    # eager call does (CudaGraphReplay checks this itself, and raises).
+    import cupy
+    from invconv.benchmarks import CudaGraphReplay
+    rng = np.random.default_rng(5)
+    w = cupy.asarray(make_weight(rng, 12, 1, 3, 3, "top-left", True, np.float32))
+    sets = [tuple(cupy.asarray(rng.standard_normal((8, 12, 16, 16)).astype(np.float32))
+                  for _ in range(2)) for _ in range(3)]
+    for fn in (lambda x, g: invconv.inv_conv2d(x, w),
+               lambda x, g: invconv.inv_conv2d_vjp(g, x, w)):
+        launch, replays = CudaGraphReplay(fn).capture(sets)
+        for (x, g), replay in zip(sets, replays):
+            launch(*replay)
+            cupy.cuda.Device().synchronize()
+            want = fn(x, g)
+            got = replay[1]
+            for a, e in zip(got if isinstance(got, tuple) else (got,),
+                            want if isinstance(want, tuple) else (want,)):
+                assert_close(cupy.asnumpy(a), cupy.asnumpy(e))
