@@ -148,18 +148,30 @@ __global__ void conv_weight_grad_partial(const T* __restrict__ gout, const T* __
     for (int t0 = 0; t0 < ntaps; t0 += IC_WG_TAPS) {
         T acc[IC_WG_TAPS];
         for (int t = 0; t < IC_WG_TAPS; ++t) acc[t] = T(0);
-        for (long long e = begin + threadIdx.x; e < end; e += blockDim.x) {
-            const long long b = e / hw;
-            const int p = (int)(e % hw);
-            const int row = p / W, col = p % W;
+        // This thread's terms e = begin + threadIdx.x + k * blockDim.x, walked
+        // as (image b, row, col) by carries: divisions (64-bit ones above
+        // all) cost more than the multiply-adds they would index.
+        long long e = begin + threadIdx.x;
+        long long b = e / hw;
+        int row = (int)((e % hw) / W), col = (int)((e % hw) % W);
+        const long long step_b = blockDim.x / hw;
+        const int step_row = (int)((blockDim.x % hw) / W), step_col = (int)((blockDim.x % hw) % W);
+        for (; e < end; e += blockDim.x) {
+            const long long p = (long long)row * W + col;
             const T gv = gout[(b * C + o) * hw + p];
             const T* xi = x + (b * C + i) * hw;
+            int du = t0 / kw, dv = t0 % kw;
             for (int t = 0; t < IC_WG_TAPS && t0 + t < ntaps; ++t) {
-                const int du = (t0 + t) / kw, dv = (t0 + t) % kw;
                 const int sh = row - rs * du, sw = col - cs * dv;
                 if (sh >= 0 && sh < H && sw >= 0 && sw < W)
                     acc[t] += gv * xi[(long long)sh * W + sw];
+                if (++dv == kw) { dv = 0; ++du; }
             }
+            b += step_b;
+            row += step_row;
+            col += step_col;
+            if (col >= W) { col -= W; ++row; }
+            if (row >= H) { row -= H; ++b; }
         }
         for (int t = 0; t < IC_WG_TAPS; ++t) red[t * blockDim.x + threadIdx.x] = acc[t];
         __syncthreads();
