@@ -6,57 +6,13 @@
 #include "common.cuh"
 
 // grad_x[b, i, h, w] = sum_{ol, du, dv} W_eff[g*cg + ol, il, du, dv] * g[b, g*cg + ol, h + rs*du, w + cs*dv]
-// (i = g*cg + il): the transpose of masked_conv_forward, with the same thread
-// layout over input channels: one thread per (image, group, CH consecutive
-// inputs, pixel), each gradient value read feeding CH accumulators.
+// (i = g*cg + il): the transpose of masked_conv_forward, the same body with
+// CH input channels a thread (see ic_masked_conv in common.cuh).
 template <typename T, int CH>
 __global__ void masked_conv_adjoint(const T* __restrict__ g, const T* __restrict__ w,
                                     T* __restrict__ gx, int B, int C, int H, int W, int G,
                                     int kh, int kw, int rs, int cs, int unit) {
-    const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
-    const int chunks = (s.cg + CH - 1) / CH;
-    const long long hw = s.hw();
-    const long long total = (long long)B * G * chunks * hw;
-    const long long taps = (long long)kh * kw;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
-        const int pix = (int)(e % hw);
-        const long long rest = e / hw;
-        const int il0 = (int)(rest % chunks) * CH;  // first input in the group
-        const long long bg = rest / chunks;                       // b * G + g
-        const int o0 = (int)(bg % G) * s.cg;                      // first output of the group
-        const int col = pix % W, row = pix / W;
-        const T* gg = g + bg * s.cg * hw;
-        T acc[CH];
-        for (int j = 0; j < CH; ++j) acc[j] = T(0);
-        for (int du = 0; du < kh; ++du) {
-            const int th = row + rs * du;
-            if (th < 0 || th >= H) continue;
-            for (int dv = 0; dv < kw; ++dv) {
-                const int tw = col + cs * dv;
-                if (tw < 0 || tw >= W) continue;
-                const T* gp = gg + (long long)th * W + tw;
-                if (du == 0 && dv == 0) {  // the masked same-pixel tap
-                    for (int ol = 0; ol < s.cg; ++ol) {
-                        const T gv = gp[ol * hw];
-                        for (int j = 0; j < CH; ++j)
-                            if (il0 + j < s.cg) acc[j] += ic_weight(w, s, o0 + ol, il0 + j, 0, 0) * gv;
-                    }
-                    continue;
-                }
-                // W[o0 + ol, il0 + j, u, v] at wt[(ol * cg + j) * taps]
-                const T* wt = w + (((long long)o0 * s.cg + il0) * kh + s.tap_u(du)) * kw + s.tap_v(dv);
-                for (int ol = 0; ol < s.cg; ++ol) {
-                    const T gv = gp[ol * hw];
-                    for (int j = 0; j < CH; ++j)
-                        if (il0 + j < s.cg) acc[j] += wt[((long long)ol * s.cg + j) * taps] * gv;
-                }
-            }
-        }
-        T* out = gx + (bg * s.cg + il0) * hw + pix;
-        for (int j = 0; j < CH; ++j)
-            if (il0 + j < s.cg) out[j * hw] = acc[j];
-    }
+    ic_masked_conv<T, CH, true>(g, w, gx, ConvShape(B, C, H, W, G, kh, kw, rs, cs, unit));
 }
 
 // grad_y = M^-T grad_x = L^-T (I + N'^T)^-1 grad_x, with the scratch of

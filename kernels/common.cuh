@@ -81,6 +81,72 @@ __device__ __forceinline__ bool ic_ignored(const ConvShape& s, int o, int il, in
     return il > ol || (il == ol && s.unit);
 }
 
+// The masked convolution (ADJ = false) and its adjoint (ADJ = true), one body
+// for both: out[b, g*cg + c] for the thread's CH own channels c sums over the
+// group's channels m
+//   forward: W_eff[g*cg + c, m, du, dv] * in[b, g*cg + m, h - rs*du, w - cs*dv]
+//   adjoint: W_eff[g*cg + m, c, du, dv] * in[b, g*cg + m, h + rs*du, w + cs*dv]
+// One thread per (image, group, CH consecutive own channels, pixel),
+// grid-stride: each input value read feeds CH accumulators. Pixels vary
+// fastest, so a warp's reads and writes are coalesced and its weight reads
+// uniform.
+template <typename T, int CH, bool ADJ>
+__device__ __forceinline__ void ic_masked_conv(const T* __restrict__ in, const T* __restrict__ w,
+                                               T* __restrict__ out, const ConvShape& s) {
+    const int chunks = (s.cg + CH - 1) / CH;
+    const long long hw = s.hw();
+    const long long total = (long long)s.B * s.G * chunks * hw;
+    const long long taps = (long long)s.kh * s.kw;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int pix = (int)(e % hw);
+        const long long rest = e / hw;
+        const int c0 = (int)(rest % chunks) * CH;  // first own channel in the group
+        const long long bg = rest / chunks;        // b * G + g
+        const int gbase = (int)(bg % s.G) * s.cg;   // first channel of the group
+        const int own0 = gbase + c0;                // first own channel
+        const int col = pix % s.W, row = pix / s.W;
+        const T* ing = in + bg * s.cg * hw;  // channel 0 of group g of image b
+        T acc[CH];
+        for (int j = 0; j < CH; ++j) acc[j] = T(0);
+        for (int du = 0; du < s.kh; ++du) {
+            const int sh = ADJ ? row + s.rs * du : row - s.rs * du;
+            if (sh < 0 || sh >= s.H) continue;
+            for (int dv = 0; dv < s.kw; ++dv) {
+                const int sw = ADJ ? col + s.cs * dv : col - s.cs * dv;
+                if (sw < 0 || sw >= s.W) continue;
+                const T* ip = ing + (long long)sh * s.W + sw;
+                if (du == 0 && dv == 0) {  // the masked same-pixel tap
+                    for (int m = 0; m < s.cg; ++m) {
+                        const T v = ip[m * hw];
+                        for (int j = 0; j < CH; ++j)
+                            if (c0 + j < s.cg)
+                                acc[j] += (ADJ ? ic_weight(w, s, gbase + m, c0 + j, 0, 0)
+                                               : ic_weight(w, s, own0 + j, m, 0, 0)) * v;
+                    }
+                    continue;
+                }
+                // W[own c0 + j, summed m] (forward) or W[summed m, own c0 + j]
+                // (adjoint) at wt[(j * cg + m) * taps] or wt[(m * cg + j) * taps]
+                const T* wt = ADJ ? w + (((long long)gbase * s.cg + c0) * s.kh + s.tap_u(du)) * s.kw
+                                            + s.tap_v(dv)
+                                  : w + ((long long)own0 * s.cg * s.kh + s.tap_u(du)) * s.kw
+                                            + s.tap_v(dv);
+                for (int m = 0; m < s.cg; ++m) {
+                    const T v = ip[m * hw];
+                    for (int j = 0; j < CH; ++j)
+                        if (c0 + j < s.cg)
+                            acc[j] += wt[(ADJ ? (long long)m * s.cg + j
+                                              : (long long)j * s.cg + m) * taps] * v;
+                }
+            }
+        }
+        T* op = out + (bg * s.cg + c0) * hw + pix;
+        for (int j = 0; j < CH; ++j)
+            if (c0 + j < s.cg) op[j * hw] = acc[j];
+    }
+}
+
 // Scratch of the solves, written by inv_conv_lower_inverse and
 // inv_conv_fold_taps; per group g: slot 0 holds L^-1 (the inverse of the
 // same-pixel block), slot off = du*kw + dv > 0 holds K'_off = L^-1 K_off;

@@ -6,59 +6,13 @@
 #include "common.cuh"
 
 // y[b, o, h, w] = sum_{il, du, dv} W_eff[o, il, du, dv] * x[b, g*cg + il, h - rs*du, w - cs*dv]
-// One thread per (image, group, CH consecutive outputs of the group, pixel),
-// grid-stride, one launch: each input value read feeds CH accumulators (CH in
-// {1, 2, 4}, chosen by the launcher from the group size). Pixels vary
-// fastest, so a warp's reads of x and writes of y are coalesced and its
-// weight reads are uniform.
+// in one launch; CH in {1, 2, 4} output channels a thread, chosen by the
+// launcher from the group size (see ic_masked_conv in common.cuh).
 template <typename T, int CH>
 __global__ void masked_conv_forward(const T* __restrict__ x, const T* __restrict__ w,
                                     T* __restrict__ y, int B, int C, int H, int W, int G,
                                     int kh, int kw, int rs, int cs, int unit) {
-    const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
-    const int chunks = (s.cg + CH - 1) / CH;
-    const long long hw = s.hw();
-    const long long total = (long long)B * G * chunks * hw;
-    const long long taps = (long long)kh * kw;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += (long long)gridDim.x * blockDim.x) {
-        const int pix = (int)(e % hw);
-        const long long rest = e / hw;
-        const int ol0 = (int)(rest % chunks) * CH;  // first output in the group
-        const long long bg = rest / chunks;                       // b * G + g
-        const int o0 = (int)(bg % G) * s.cg + ol0;
-        const int col = pix % W, row = pix / W;
-        const T* xg = x + bg * s.cg * hw;  // channel 0 of group g of image b
-        T acc[CH];
-        for (int j = 0; j < CH; ++j) acc[j] = T(0);
-        for (int du = 0; du < kh; ++du) {
-            const int sh = row - rs * du;
-            if (sh < 0 || sh >= H) continue;
-            for (int dv = 0; dv < kw; ++dv) {
-                const int sw = col - cs * dv;
-                if (sw < 0 || sw >= W) continue;
-                const T* xp = xg + (long long)sh * W + sw;
-                if (du == 0 && dv == 0) {  // the masked same-pixel tap
-                    for (int il = 0; il < s.cg; ++il) {
-                        const T xv = xp[il * hw];
-                        for (int j = 0; j < CH; ++j)
-                            if (ol0 + j < s.cg) acc[j] += ic_weight(w, s, o0 + j, il, 0, 0) * xv;
-                    }
-                    continue;
-                }
-                // W[o0 + j, il, u, v] at wt[(j * cg + il) * taps]
-                const T* wt = w + ((long long)o0 * s.cg * kh + s.tap_u(du)) * kw + s.tap_v(dv);
-                for (int il = 0; il < s.cg; ++il) {
-                    const T xv = xp[il * hw];
-                    for (int j = 0; j < CH; ++j)
-                        if (ol0 + j < s.cg) acc[j] += wt[((long long)j * s.cg + il) * taps] * xv;
-                }
-            }
-        }
-        T* yp = y + (bg * s.cg + ol0) * hw + pix;
-        for (int j = 0; j < CH; ++j)
-            if (ol0 + j < s.cg) yp[j * hw] = acc[j];
-    }
+    ic_masked_conv<T, CH, false>(x, w, y, ConvShape(B, C, H, W, G, kh, kw, rs, cs, unit));
 }
 
 // Scratch for the solves (see ic_prep_slot), in two launches.
