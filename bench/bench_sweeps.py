@@ -145,8 +145,13 @@ def run(quick, gpu, dtype=np.float32):
             w, sets = _problem(rng, (B, C, H, W, k), dtype)
             for op in OPS:
                 for name, fn, inputs in implementations(op, w, sets):
-                    times, peak = measure(fn, inputs, repeats=5 if quick else 20,
-                                          budget_s=1.0)
+                    try:
+                        times, peak = measure(fn, inputs, repeats=5 if quick else 20,
+                                              budget_s=1.0)
+                    except Exception as exc:  # report the point, keep the sweep
+                        print(f"  {name} failed on {sweep} = {value}, {op}: "
+                              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+                        continue
                     rows.append(dict(sweep=sweep, value=value, op=op, implementation=name,
                                      shape=[B, C, H, W], kernel_size=k,
                                      dtype=np.dtype(dtype).name,
