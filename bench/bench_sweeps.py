@@ -25,13 +25,13 @@ import json
 import pathlib
 import statistics
 import sys
-import time
 import tracemalloc
 from datetime import datetime, timezone
 
 import numpy as np
 
 import invconv
+from invconv.benchmarks import CudaGraphReplay, GpuTimer, cpu_timer
 
 # (name, parameter values, function of the value -> (B, C, H, W, k))
 GPU_SWEEPS = [
@@ -64,7 +64,6 @@ def _problem(rng, shape, dtype):
 def _gpu_runner():
     import cupy
     import torch
-    from invconv.benchmarks import CudaGraphReplay, GpuTimer
     from invconv.torch import _cuda_context
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     from baselines import PerDiagonal
@@ -85,27 +84,21 @@ def _gpu_runner():
         for name, fn in fns.items():
             yield name + "-graph", CudaGraphReplay(fn), gsets
 
+    timer = GpuTimer()
+
     def measure(fn, inputs, repeats, budget_s):
         if isinstance(fn, CudaGraphReplay):  # timing only: the graph's memory is its own pool
-            return GpuTimer()(fn, inputs, warmup=2, repeats=repeats, budget_s=budget_s), None
+            return timer(fn, inputs, warmup=2, repeats=repeats, budget_s=budget_s), None
         # Inside the context CuPy allocates from torch's caching allocator and
-        # launches on torch's current stream, so torch's statistics see it all.
+        # launches on torch's current stream (the timer's events go there too),
+        # so torch's statistics see every allocation of the op.
         with _cuda_context(device) as stream, stream:
-            for args in inputs:
+            for args in inputs:  # warm-up: compile, fill the allocator's cache
                 fn(*args)
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times, t0 = [], time.perf_counter()
-            for i in range(repeats):
-                start.record()
-                fn(*inputs[i % len(inputs)])
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-                if time.perf_counter() - t0 > budget_s and len(times) >= 3:
-                    break
+            times = timer(fn, inputs, warmup=0, repeats=repeats, budget_s=budget_s)
             peak = torch.cuda.max_memory_allocated(device) - base
         return times, peak
     return implementations, measure, torch.cuda.get_device_name(device)
@@ -120,17 +113,13 @@ def _cpu_runner():
                    sets)
 
     def measure(fn, inputs, repeats, budget_s):
-        fn(*inputs[0])
-        times, t0 = [], time.perf_counter()
+        fn(*inputs[0])  # warm-up outside tracemalloc's count
         tracemalloc.start()
-        for i in range(repeats):
-            s = time.perf_counter()
-            fn(*inputs[i % len(inputs)])
-            times.append((time.perf_counter() - s) * 1e3)
-            if time.perf_counter() - t0 > budget_s:
-                break
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+        try:
+            times = cpu_timer(fn, inputs, warmup=0, repeats=repeats, budget_s=budget_s)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
         return times, peak
     return implementations, measure, "CPU"
 
