@@ -6,7 +6,7 @@
 Four sweeps around a base problem, changing one thing at a time: image size
 (16..256), kernel size (2..11), batch size (1..128) and channels (1..48).
 For each point the inverse and its vjp are timed for invconv and for the same
-kernel maths scheduled one launch per anti-diagonal (bench/baselines.py), each
+kernel maths scheduled one launch per anti-diagonal (invconv.baselines), each
 called eagerly from Python and replayed from a CUDA graph (the GPU work alone,
 without Python's per-launch cost), and the peak device memory an eager call
 allocates is recorded. Inputs rotate among three
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
 import sys
 import tracemalloc
@@ -65,8 +64,7 @@ def _gpu_runner():
     import cupy
     import torch
     from invconv.torch import _cuda_context
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from baselines import PerDiagonal
+    from invconv.baselines import PerDiagonal
     per_diag = PerDiagonal("cuda")
     device = torch.device("cuda", cupy.cuda.Device().id)
 

@@ -1,9 +1,30 @@
-"""The benchmark harness runs and produces complete rows (speed is never asserted)."""
+"""The benchmark harness runs and produces complete rows (speed is never asserted).
+
+The scripts of bench/ are run as a user runs them (a subprocess), never
+imported: tests do not put bench/ on sys.path.
+"""
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
+import invconv
 from invconv import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_script(script, *args, timeout=600):
+    """Run ``bench/<script>`` with the invconv under test importable; return stdout."""
+    src = str(pathlib.Path(invconv.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 REQUIRED = {"op", "implementation", "shape", "dtype", "device", "median_ms", "q1_ms", "q3_ms",
             "ratio_to_invconv", "min_bytes", "diagonal_steps"}
@@ -17,19 +38,20 @@ def test_quick_bench_through_the_cli(tmp_path):
     for r in rows:
         assert REQUIRED <= r.keys()
         assert r["median_ms"] > 0 and r["ratio_to_invconv"] > 0
-    baselines = [r for r in rows if r["implementation"] == r["baseline"]]
-    assert baselines and all(r["ratio_to_invconv"] == 1.0 for r in baselines)
+    # Each ratio is this row's median over its baseline row's median (same op and shape).
+    medians = {(r["op"], str(r["shape"]), r["implementation"]): r["median_ms"] for r in rows}
+    others = [r for r in rows if r["implementation"] != r["baseline"]]
+    assert others
+    for r in rows:
+        base = medians[(r["op"], str(r["shape"]), r["baseline"])]
+        assert r["ratio_to_invconv"] == pytest.approx(r["median_ms"] / base, rel=1e-12)
     assert md.read_text().count("\n|") >= len(rows)
 
 
 def test_model_timings_quick(tmp_path):
-    torch = pytest.importorskip("torch")  # noqa: F841
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
-    import bench_models
+    pytest.importorskip("torch")
     out = tmp_path / "models.json"
-    bench_models.main(["--quick", "--out", str(out), "--device", "cpu"])
+    run_script("bench_models.py", "--quick", "--out", out, "--device", "cpu")
     rows = json.loads(out.read_text())["rows"]
     assert {r["model"] for r in rows} == {"inverse-flow", "finc-flow", "glow"}
     assert all(r["sampling_ms_100"] > 0 and r["parameters"] > 0 for r in rows)
@@ -37,12 +59,8 @@ def test_model_timings_quick(tmp_path):
 
 def test_scaling_sweeps_quick(tmp_path):
     import importlib.util
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
-    import bench_sweeps
     out, png, md = tmp_path / "sweeps.json", tmp_path / "sweeps.png", tmp_path / "sweeps.md"
-    bench_sweeps.main(["--quick", "--out", str(out), "--plot", str(png), "--markdown", str(md)])
+    run_script("bench_sweeps.py", "--quick", "--out", out, "--plot", png, "--markdown", md)
     rows = json.loads(out.read_text())["rows"]
     assert {r["sweep"] for r in rows} == {"image size", "kernel size", "batch size", "channels"}
     assert all(r["median_ms"] > 0 and r["peak_bytes"] > 0 for r in rows)
@@ -57,20 +75,11 @@ def test_scaling_sweeps_quick(tmp_path):
 def test_readme_quotes_the_results_it_names():
     # The README's performance tables are printed by bench/readme_tables.py
     # from a committed results folder; they must match that folder exactly.
-    import contextlib
-    import io
-    import pathlib
     import re
-    import sys
-    root = pathlib.Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "bench"))
-    import readme_tables
-    readme = (root / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     folder = re.search(r"python3 bench/readme_tables\.py (\S+?)`", readme).group(1)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        readme_tables.main([str(root / folder)])
-    tables = [t.strip() for t in out.getvalue().split("\n\n") if t.strip()]
+    out = run_script("readme_tables.py", ROOT / folder)
+    tables = [t.strip() for t in out.split("\n\n") if t.strip()]
     assert len(tables) == 3
     for table in tables:
         assert table in readme, table.splitlines()[2]

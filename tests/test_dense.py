@@ -75,19 +75,23 @@ def test_ops_match_dense(case, dtype, backend):
     opts = dict(corner=corner, groups=groups, unit_diagonal=unit, backend=backend)
     w, x, g = (e[k].astype(dtype) for k in ("weight", "x", "g"))
 
-    assert_close(invconv.conv2d(x, w, **opts), e["conv"], dtype)
-    assert_close(invconv.inv_conv2d(x, w, **opts), e["inv"], dtype)
+    y = invconv.conv2d(x, w, **opts)
+    inv = invconv.inv_conv2d(x, w, **opts)
+    assert_close(y, e["conv"], dtype)
+    assert_close(inv, e["inv"], dtype)
 
-    gx, gw = invconv.conv2d_vjp(g, x, w, **opts)
+    gx, conv_gw = invconv.conv2d_vjp(g, x, w, **opts)
     assert_close(gx, e["conv_grad_x"], dtype)
-    assert_close(gw, e["conv_grad_w"], dtype)
+    assert_close(conv_gw, e["conv_grad_w"], dtype)
 
     inv_x = e["inv"].astype(dtype)
-    gy, gw = invconv.inv_conv2d_vjp(g, inv_x, w, **opts)
+    gy, inv_gw = invconv.inv_conv2d_vjp(g, inv_x, w, **opts)
     assert_close(gy, e["inv_grad_y"], dtype)
-    assert_close(gw, e["inv_grad_w"], dtype)
+    assert_close(inv_gw, e["inv_grad_w"], dtype)
 
-    for out in (gw,):
+    for out in (y, inv, gx, gy):
+        assert out.dtype == dtype and out.shape == x.shape
+    for out in (conv_gw, inv_gw):
         assert out.dtype == dtype and out.shape == w.shape
 
 

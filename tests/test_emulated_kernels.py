@@ -7,8 +7,6 @@ instead of shared memory, and the weight gradient splits its reduction, and
 checks that launch counts do not grow with the image.
 """
 import contextlib
-import sys
-import pathlib
 
 import numpy as np
 import pytest
@@ -114,8 +112,7 @@ def test_launch_count_does_not_grow_with_the_image(op):
 
 
 def test_per_diagonal_baseline_matches_reference():
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
-    from baselines import PerDiagonal
+    from invconv.baselines import PerDiagonal
     base = PerDiagonal("emulator")
     rng = np.random.default_rng(1)
     for corner in invconv.CORNERS:
@@ -154,8 +151,10 @@ print("kernels ran")
 
 def test_real_kernels_are_race_free_under_thread_sanitizer(tmp_path):
     from invconv.emulator.racecheck import run_race_check, tsan_runtime
-    if tsan_runtime() is None:
-        pytest.skip("the compiler has no ThreadSanitizer runtime")
+    try:
+        tsan_runtime()
+    except RuntimeError as exc:          # tsan_runtime raises; it never returns None
+        pytest.skip(str(exc))
     script = tmp_path / "run_kernels.py"
     script.write_text(RACE_SCRIPT)
     result = run_race_check([str(script)], timeout=600)

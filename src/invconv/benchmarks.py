@@ -19,8 +19,7 @@ implementation available on the machine is timed:
 - on a CPU-only machine: ``dense-torch-cpu`` and ``torch-conv2d-cpu``, the same
   torch alternatives on the CPU.
 
-The one-launch-per-diagonal baseline lives in the repository's ``bench/``
-folder (``bench/baselines.py``); it is timed when that folder is present.
+The one-launch-per-diagonal baseline is :class:`invconv.baselines.PerDiagonal`.
 
 Each row: median and quartiles over repeats after warm-up, with inputs
 rotated among several sets so caches do not flatter, the ratio to invconv in
@@ -33,7 +32,6 @@ import argparse
 import functools
 import json
 import math
-import pathlib
 import platform
 import statistics
 import sys
@@ -184,14 +182,7 @@ def make_problem(rng, shape, k, dtype, n_sets):
 
 @functools.lru_cache(maxsize=None)
 def _per_diagonal():
-    """The baseline of bench/baselines.py, or None outside a checkout."""
-    bench = pathlib.Path(__file__).resolve().parents[2] / "bench"
-    if bench.is_dir() and str(bench) not in sys.path:
-        sys.path.append(str(bench))
-    try:
-        from baselines import PerDiagonal
-    except ImportError:
-        return None
+    from .baselines import PerDiagonal
     return PerDiagonal("cuda")
 
 
