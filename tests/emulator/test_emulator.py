@@ -1,4 +1,5 @@
 """Tests of the CPU emulator of CUDA kernels (invconv.emulator)."""
+import json
 import os
 import shutil
 import subprocess
@@ -202,6 +203,9 @@ def test_argument_errors(basics):
         k(1, 4, (n, p, n))
     with pytest.raises(TypeError, match="points to a 4-byte floating-point, got an array of float64"):
         k(1, 4, (x.astype(np.float64), p, n))
+    swapped = x.astype(x.dtype.newbyteorder())  # same values, other byte order
+    with pytest.raises(TypeError, match="argument 0 is an array of >f4 in non-native byte order"):
+        k(1, 4, (swapped, p, n))
     fake_gpu_array = type("ndarray", (), {"__module__": "cupy"})()
     with pytest.raises(TypeError, match="cupy.ndarray"):
         k(1, 4, (fake_gpu_array, p, n))
@@ -258,6 +262,138 @@ def test_cache(tmp_path, monkeypatch):
     out = np.zeros(1, np.int32)
     k(1, 1, (out,))
     assert out[0] == 14 and _module.compile_count == count + 4
+
+
+CACHED_KERNEL = """
+import numpy as np
+from invconv.emulator import EmulatedKernel, _module
+k = EmulatedKernel('extern "C" __global__ void k(int* o) { o[0] = 3; }', "k")
+out = np.zeros(1, np.int32)
+k(1, 1, (out,))
+print(int(out[0]), _module.compile_count)
+"""
+
+
+def test_damaged_cache_entries_are_rebuilt(tmp_path):
+    # Each load runs in a child process: a library mapped here and then
+    # truncated would crash pytest itself, and dlopen in this process would
+    # hand back the copy it already has instead of reading the cache.
+    cache = tmp_path / "cache"
+    env = dict(os.environ, INVCONV_EMULATOR_CACHE=str(cache),
+               PYTHONPATH=os.pathsep.join(filter(None, [
+                   str(Path(invconv.emulator.__file__).parents[2]), os.environ.get("PYTHONPATH")])))
+
+    def load(what):
+        proc = subprocess.run([sys.executable, "-c", CACHED_KERNEL], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{what}: exit {proc.returncode}\n{proc.stderr}"
+        value, compiled = map(int, proc.stdout.split())
+        assert value == 3, what
+        return compiled
+
+    assert load("first build") == 1
+    assert load("cache hit") == 0
+    manifest, = cache.glob("*.json")
+    library, = cache.glob("*.so")
+
+    def truncate():
+        data = library.read_bytes()
+        library.write_bytes(data[:len(data) // 2])  # the ELF header still reads fine
+
+    def flip_a_byte():
+        data = bytearray(library.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        library.write_bytes(bytes(data))
+
+    def rewrite_manifest(text):
+        return lambda: manifest.write_text(text)
+
+    damages = {
+        "truncated library": truncate,
+        "library of the right size, other bytes": flip_a_byte,
+        "missing library": library.unlink,
+        "truncated manifest": lambda: manifest.write_text(manifest.read_text()[:20]),
+        "manifest of the wrong shape": rewrite_manifest("[1, 2]"),
+        "manifest naming a file outside the cache": rewrite_manifest(json.dumps(
+            dict(json.loads(manifest.read_text()), library="../elsewhere.so"))),
+        "manifest without a library hash": rewrite_manifest(json.dumps(
+            {k: v for k, v in json.loads(manifest.read_text()).items() if k != "sha256"})),
+    }
+    for what, damage in damages.items():
+        damage()
+        assert load(what) == 1, f"{what}: not rebuilt"
+        assert library.exists() and load(f"after {what}") == 0, f"{what}: rebuilt entry not used"
+
+
+def one_line_error(match, code='extern "C" __global__ void k(int* o) { o[0] = 1; }'):
+    """Build `code` and return the RuntimeError's message, checked to be one line."""
+    with pytest.raises(RuntimeError, match=match) as info:
+        EmulatedKernel(code, "k")
+    error, message = info.value, str(info.value)
+    chained = error.__cause__ or (error.__context__ and not error.__suppress_context__)
+    assert "\n" not in message and not chained, message  # no second traceback
+    return message
+
+
+@pytest.mark.parametrize("cxx, match", [
+    ("true", "CXX='true' exited 0 but wrote no library"),
+    ("/nonexistent/c++", "cannot run the C\\+\\+ compiler CXX='/nonexistent/c\\+\\+': No such file"),
+    ("no-such-compiler-here", "cannot run the C\\+\\+ compiler CXX='no-such-compiler-here'"),
+    ('"g++', "CXX='\"g\\+\\+' is not a valid command line"),
+])
+def test_compiler_problems_name_cxx(cache, monkeypatch, cxx, match):
+    monkeypatch.setenv("CXX", cxx)
+    one_line_error(match)
+
+
+def test_a_failing_compiler_without_output_is_named(cache, monkeypatch):
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(RuntimeError, match="compilation failed(.|\n)*CXX='false' exited with "
+                                           "status 1 and printed nothing"):
+        EmulatedKernel('extern "C" __global__ void k(int* o) { o[0] = 2; }', "k")
+
+
+def test_cache_path_problems_name_the_setting(tmp_path, monkeypatch):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    monkeypatch.setenv("INVCONV_EMULATOR_CACHE", str(a_file))
+    one_line_error(r"emulator cache .*a-file \(INVCONV_EMULATOR_CACHE\): it is a file")
+    monkeypatch.setenv("INVCONV_EMULATOR_CACHE", str(a_file / "cache"))
+    one_line_error(r"\(INVCONV_EMULATOR_CACHE\): a component of the path is a file")
+    assert a_file.read_text() == "not a directory"
+    if sys.platform.startswith("linux") and Path("/sys/kernel").is_dir():
+        # sysfs takes no new directories, not even from root.
+        monkeypatch.setenv("INVCONV_EMULATOR_CACHE", "/sys/invconv-emulator-cache")
+        one_line_error(r"emulator cache /sys/invconv-emulator-cache \(INVCONV_EMULATOR_CACHE\)")
+
+
+def test_read_only_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("INVCONV_EMULATOR_CACHE", str(cache))
+    code = 'extern "C" __global__ void k(int* o) { o[0] = 5; }'
+    EmulatedKernel(code, "k")
+    count = _module.compile_count
+    cache.chmod(0o555)
+    try:
+        k = EmulatedKernel(code, "k")  # what it holds is still served
+        out = np.zeros(1, np.int32)
+        k(1, 1, (out,))
+        assert out[0] == 5 and _module.compile_count == count
+        if os.access(cache, os.W_OK):
+            pytest.skip("this user (root?) can write to a read-only directory")
+        one_line_error(r"\(INVCONV_EMULATOR_CACHE\): Permission denied",
+                       code.replace("5", "6"))
+    finally:
+        cache.chmod(0o755)
+
+
+def test_relative_cache_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INVCONV_EMULATOR_CACHE", "relative-cache")
+    k = EmulatedKernel('extern "C" __global__ void k(int* o) { o[0] = 7; }', "k")
+    out = np.zeros(1, np.int32)
+    k(1, 1, (out,))
+    assert out[0] == 7 and k.module.library_path.parent == tmp_path / "relative-cache"
 
 
 def test_race_check_needs_the_runner(cache):

@@ -36,9 +36,21 @@ Environment
 directory, default ``$XDG_CACHE_HOME/invconv/emulator``, ``~/.cache/...``),
 ``INVCONV_EMULATOR_RACE_CHECK``, ``INVCONV_EMULATOR_ENGINE``
 (``fibers`` or ``threads``).
+
+The cache
+---------
+A cache entry is a manifest (``<key>.json``: the library's file name, size
+and SHA-256, and the hashes of the headers it included) and the library.
+An entry is used only when all of these still match, so a truncated or
+overwritten library is rebuilt rather than loaded (mapping a truncated
+library kills the process with SIGBUS).  Entries are written by rename, so
+concurrent builders agree.  A cache that is only readable still serves the
+entries it holds.  Problems with the cache directory or the compiler are a
+:class:`RuntimeError` naming ``INVCONV_EMULATOR_CACHE`` or ``CXX``.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -86,17 +98,34 @@ def _truthy(value):
 
 
 def _compiler():
-    return shlex.split(os.environ.get("CXX") or "g++")
+    """The compiler command line: ``$CXX`` split as a shell would, or ``g++``."""
+    try:
+        cxx = shlex.split(os.environ.get("CXX") or "")
+    except ValueError as e:
+        raise RuntimeError(f"cuemu: CXX={os.environ['CXX']!r} is not a valid command "
+                           f"line ({e}); set CXX to a C++ compiler such as g++") from None
+    return cxx or ["g++"]
+
+
+def _compiler_named(cxx):
+    """How messages name the compiler: by ``CXX`` when that chose it."""
+    if os.environ.get("CXX", "").strip():
+        return f"the C++ compiler CXX={os.environ['CXX']!r}"
+    return f"the C++ compiler {cxx[0]!r} (the default; set CXX to choose another)"
+
+
+def _run_compiler(cxx, args, **kwargs):
+    try:
+        return subprocess.run([*cxx, *args], capture_output=True, text=True,
+                              env=_compiler_env(), **kwargs)
+    except OSError as e:  # missing program, not executable, ...
+        raise RuntimeError(f"cuemu: cannot run {_compiler_named(cxx)}: "
+                           f"{e.strerror or e}") from None
 
 
 @functools.lru_cache(maxsize=None)
 def _compiler_version(cxx):
-    try:
-        out = subprocess.run([*cxx, "--version"], capture_output=True, text=True,
-                             env=_compiler_env())
-    except OSError as e:
-        raise RuntimeError(f"cuemu: cannot run the C++ compiler {cxx[0]!r} (set CXX): {e}") from e
-    return out.stdout
+    return _run_compiler(cxx, ["--version"]).stdout
 
 
 def _compiler_env():
@@ -116,10 +145,36 @@ def tsan_loaded():
 
 
 def cache_dir():
-    """The directory holding compiled modules."""
+    """The directory holding compiled modules (an absolute path)."""
+    # Absolute: the compiler runs in a temporary directory, where a relative
+    # cache path would point elsewhere.
     if os.environ.get("INVCONV_EMULATOR_CACHE"):
-        return Path(os.environ["INVCONV_EMULATOR_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "invconv" / "emulator"
+        return Path(os.environ["INVCONV_EMULATOR_CACHE"]).expanduser().absolute()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return (base / "invconv" / "emulator").absolute()
+
+
+@contextlib.contextmanager
+def _writing_to(cache):
+    """Turn an OSError while writing into `cache` into one RuntimeError naming the setting."""
+    try:
+        yield
+    except OSError as e:
+        why = e.strerror or str(e)
+        if cache.exists() and not cache.is_dir():
+            why = "it is a file, not a directory"
+        elif isinstance(e, (FileExistsError, NotADirectoryError)):
+            why = "a component of the path is a file, not a directory"
+        source = ("INVCONV_EMULATOR_CACHE" if os.environ.get("INVCONV_EMULATOR_CACHE")
+                  else "the default; set INVCONV_EMULATOR_CACHE to choose another")
+        raise RuntimeError(f"cuemu: cannot write compiled kernels to the emulator cache "
+                           f"{cache} ({source}): {why}") from None
+
+
+def _file_digest(path):
+    """(size, SHA-256 hex digest) of a file's contents."""
+    data = Path(path).read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()
 
 
 def _translate_options(options):
@@ -279,9 +334,12 @@ class EmulatedModule:
             [_GENERATOR_VERSION, HEADER.read_text(), self.code, str(self.path), tu,
              flags, cxx, _compiler_version(tuple(cxx))]).encode()).hexdigest()[:40]
         cache = cache_dir()
-        cache.mkdir(parents=True, exist_ok=True)
         self.library_path = self._lookup(cache, key) or self._compile(cache, key, cxx, flags, tu)
-        self._lib = ctypes.CDLL(str(self.library_path))
+        try:
+            self._lib = ctypes.CDLL(str(self.library_path))
+        except OSError as e:
+            raise RuntimeError(f"cuemu: cannot load {self.library_path}, built by "
+                               f"{_compiler_named(cxx)}: {e}") from None
         self._register_static_shared()
         self._index = {name: i for i, name in enumerate(self._names)}
 
@@ -302,42 +360,69 @@ class EmulatedModule:
 
     @staticmethod
     def _lookup(cache, key):
-        # The key covers everything but the included headers, whose contents
-        # were recorded from the compiler's dependency list at build time.
+        """The cached library for `key` if it is intact and up to date, else None.
+
+        The key covers everything but the included headers, whose contents
+        were recorded from the compiler's dependency list at build time.  The
+        library is checked against its recorded size and hash before it is
+        loaded: dlopen of a truncated library is a SIGBUS, not an error.  A
+        damaged library is left for the rebuild to replace: removing it here
+        could race with another process that has just rebuilt it.
+        """
         try:
             manifest = json.loads((cache / f"{key}.json").read_text())
-            if all(_file_hash(p) == h for p, h in manifest["deps"].items()):
-                library = cache / manifest["library"]
-                return library if library.exists() else None
-        except (OSError, ValueError, KeyError):
+            name, size, digest = manifest["library"], manifest["size"], manifest["sha256"]
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".so"):
+                return None
+            if not all(_file_hash(p) == h for p, h in manifest["deps"].items()):
+                return None  # a header changed: a new entry, this one stays for others
+            library = cache / name
+            if library.stat().st_size == size and _file_digest(library) == (size, digest):
+                return library
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
         return None
 
     def _compile(self, cache, key, cxx, flags, tu):
         global compile_count
-        tmp = Path(tempfile.mkdtemp(prefix=f"tmp-{key[:8]}-", dir=cache))
+        with _writing_to(cache):
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"tmp-{key[:8]}-", dir=cache))
         try:
-            (tmp / "cuemu_source.cu").write_text(self.code)
-            (tmp / "module.cpp").write_text(tu)
-            cmd = [*cxx, *flags, "-include", str(HEADER), "-MMD", "-MF", str(tmp / "module.d"),
-                   "-o", str(tmp / "module.so"), str(tmp / "module.cpp")]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp,
-                                  env=_compiler_env())
+            with _writing_to(cache):
+                (tmp / "cuemu_source.cu").write_text(self.code)
+                (tmp / "module.cpp").write_text(tu)
+            args = [*flags, "-include", str(HEADER), "-MMD", "-MF", str(tmp / "module.d"),
+                    "-o", str(tmp / "module.so"), str(tmp / "module.cpp")]
+            proc = _run_compiler(cxx, args, cwd=tmp)
             compile_count += 1
             if proc.returncode != 0:
-                raise RuntimeError(f"cuemu: compilation failed: {shlex.join(cmd)}\n{proc.stderr}")
-            deps = {os.path.abspath(os.path.join(tmp, d)): None
-                    for d in _parse_depfile((tmp / "module.d").read_text())}
+                output = proc.stderr or (f"{_compiler_named(cxx)} exited with status "
+                                         f"{proc.returncode} and printed nothing")
+                raise RuntimeError(
+                    f"cuemu: compilation failed: {shlex.join([*cxx, *args])}\n{output}")
+            try:
+                depfile = (tmp / "module.d").read_text()
+                size, digest = _file_digest(tmp / "module.so")
+            except OSError:
+                size = 0
+            if not size:
+                raise RuntimeError(
+                    f"cuemu: {_compiler_named(cxx)} exited 0 but wrote no library and "
+                    f"dependency file (it must accept g++'s options: -shared -MMD -MF -o)")
+            deps = {os.path.abspath(os.path.join(tmp, d)): None for d in _parse_depfile(depfile)}
             deps = {d: _file_hash(d) for d in deps if not d.startswith(str(tmp) + os.sep)}
-            suffix = hashlib.sha256(json.dumps(deps, sort_keys=True).encode()).hexdigest()[:12]
             # Content-addressed names: a rebuilt module never reuses the file
-            # name of one this process may already have loaded (dlopen would
-            # hand back the stale one), and concurrent builders agree.
-            library = cache / f"{key}-{suffix}.so"
-            os.replace(tmp / "module.so", library)
-            (tmp / "manifest.json").write_text(json.dumps(
-                {"library": library.name, "deps": deps}, indent=1))
-            os.replace(tmp / "manifest.json", cache / f"{key}.json")
+            # name of a different library this process may already have
+            # loaded (dlopen would hand back the stale one), and concurrent
+            # builders agree.
+            library = cache / f"{key}-{digest[:16]}.so"
+            with _writing_to(cache):
+                os.replace(tmp / "module.so", library)
+                (tmp / "manifest.json").write_text(json.dumps(
+                    {"library": library.name, "size": size, "sha256": digest, "deps": deps},
+                    indent=1))
+                os.replace(tmp / "manifest.json", cache / f"{key}.json")
             return library
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -460,6 +545,9 @@ class EmulatedFunction:
         # Only plain numeric arrays against numeric pointees of more than one
         # byte: byte pointers, structs and complex data stay the caller's call.
         if spec.pointee_kind in (0, 1) and spec.pointee_size > 1 and dtype.kind in "iuf":
+            if not dtype.isnative:  # a kernel would read the bytes in its own order
+                raise TypeError(f"{where} is an array of {dtype.str} in non-native byte "
+                                f"order; convert it with a.astype(a.dtype.newbyteorder('='))")
             if (dtype.itemsize != spec.pointee_size
                     or (dtype.kind == "f") != (spec.pointee_kind == 1)):
                 raise TypeError(f"{where} points to a {spec.pointee_size}-byte "
