@@ -152,3 +152,29 @@ def test_nan_and_inf_propagate(data, backend):
     y = invconv.inv_conv2d(x, w, groups=2, backend=backend)
     assert np.isnan(y[0]).any() and not np.isfinite(y[1]).all()
     assert np.isfinite(y[0, 2:]).all()    # the other group of image 0 is untouched
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_byte_swapped_arrays_are_accepted(data, name, dtype, backend):
+    x, w = (a.astype(dtype) for a in data)
+    other = np.dtype(dtype).newbyteorder("S")          # same values, other byte order
+    xs, ws = x.astype(other), w.astype(other)
+    assert not xs.dtype.isnative and (xs == x).all()
+    before = xs.tobytes(), ws.tobytes()
+    expected = call(name, x, w, groups=2, backend=backend)
+    for args in ((xs, ws), (xs, w), (x, ws)):          # swapped and native mix freely
+        got = call(name, *args, groups=2, backend=backend)
+        for e, g in zip(expected if isinstance(expected, tuple) else (expected,),
+                        got if isinstance(got, tuple) else (got,)):
+            assert g.dtype == np.dtype(dtype)          # native out
+            np.testing.assert_array_equal(g, e)
+    assert (xs.tobytes(), ws.tobytes()) == before and xs.dtype == other
+    assert invconv.logdet(ws, 5, 6, groups=2, unit_diagonal=False) == \
+        invconv.logdet(w, 5, 6, groups=2, unit_diagonal=False)
+
+
+def test_byte_swapped_non_floats_are_still_refused(data):
+    x, w = data
+    with pytest.raises(TypeError, match="x has dtype int64"):
+        invconv.conv2d(x.astype(np.dtype(np.int64).newbyteorder("S")), w, groups=2)

@@ -151,11 +151,15 @@ def _import_cupy(why: str):
 def as_array(obj, name: str):
     """Return ``(array, kind)`` with kind "numpy" or "cupy".
 
-    NumPy and CuPy arrays pass through; any other object exporting
-    ``__dlpack__`` is imported without a copy, to NumPy when it lives on the
-    CPU and to CuPy when it lives on a CUDA device.
+    NumPy and CuPy arrays pass through, except that a NumPy array in
+    non-native byte order comes back as a native copy (the kernels read
+    native numbers, and the input must not change); any other object
+    exporting ``__dlpack__`` is imported without a copy, to NumPy when it
+    lives on the CPU and to CuPy when it lives on a CUDA device.
     """
     if isinstance(obj, np.ndarray):
+        if not obj.dtype.isnative:
+            return obj.astype(obj.dtype.newbyteorder("=")), "numpy"
         return obj, "numpy"
     if _is_cupy(obj) and hasattr(obj, "__cuda_array_interface__"):
         return obj, "cupy"
