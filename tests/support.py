@@ -106,3 +106,66 @@ def make_weight(rng, C, groups, kh, kw, corner="top-left", unit_diagonal=True,
         w[np.arange(C), np.arange(C) % cg, top, left] = d
     w[ignored_entries(C, groups, kh, kw, corner, unit_diagonal)] = junk
     return w.astype(dtype)
+
+
+def structure(weight_shape, H, W, corner="top-left", groups=1, unit_diagonal=True):
+    """Boolean structure of the operator, from :func:`dense_operator` alone.
+
+    Returns ``(S, R, taps)`` for ``n = C*H*W`` in (C, H, W) order:
+    ``S[i, j]``: ``M[i, j]`` is read (a non-ignored tap inside the image);
+    ``R[i, j]``: ``(M^-1)[i, j]`` is structurally non-zero, i.e. a chain of
+    non-zeros of ``M`` leads from j to i (the transitive closure of ``S``,
+    diagonal included; forward substitution carries a NaN exactly that way);
+    ``taps[e, i, j]``: ``dM[i, j] / dW_e`` is non-zero, for weight entries
+    ``e`` in C order (empty for ignored entries).
+    """
+    n = weight_shape[0] * H * W
+    ones = np.ones(weight_shape)   # every tap non-zero: the structure of a generic weight
+    S = dense_operator(ones, H, W, corner, groups, unit_diagonal) != 0
+    R = S | np.eye(n, dtype=bool)
+    while True:
+        closed = R | ((R.astype(np.int64) @ R.astype(np.int64)) > 0)
+        if (closed == R).all():
+            break
+        R = closed
+    base = dense_operator(np.zeros(weight_shape), H, W, corner, groups, unit_diagonal)
+    taps = np.zeros((int(np.prod(weight_shape)), n, n), dtype=bool)
+    for e, index in enumerate(np.ndindex(*weight_shape)):
+        onehot = np.zeros(weight_shape)
+        onehot[index] = 1.0
+        taps[e] = dense_operator(onehot, H, W, corner, groups, unit_diagonal) != base
+    return S, R, taps
+
+
+def nonfinite_reach(op, argument, image, index, shape, weight_shape, structure_):
+    """Which outputs of `op` a NaN or Inf at one input entry makes non-finite.
+
+    The entry is ``argument[image].reshape(-1)[index]`` (argument "x", "y",
+    "grad_y" or "grad_x"; all other inputs finite and generic, i.e. with no
+    zeros).  Returns one boolean mask per output of `op`, shaped like it.
+    ``conv2d``: ``y = M x``; ``inv_conv2d``: ``x = M^-1 y``; the vjps:
+    ``grad_x = M^T grad_y``, ``grad_y = M^-T grad_x`` and ``grad_weight[e] =
+    ±sum_b g_b^T (dM/dW_e) x_b`` with ``g`` the image gradient at the output.
+    """
+    S, R, taps = structure_
+    B, n = shape[0], int(np.prod(shape[1:]))
+
+    def in_image(pattern):
+        mask = np.zeros((B, n), dtype=bool)
+        mask[image] = pattern
+        return mask.reshape(shape)
+
+    rows, cols = taps.any(axis=2), taps.any(axis=1)   # (entries, n): g and x that W_e pairs
+    nothing = np.zeros(shape, dtype=bool)
+    if (op, argument) == ("conv2d", "x"):
+        return (in_image(S[:, index]),)
+    if (op, argument) == ("inv_conv2d", "y"):
+        return (in_image(R[:, index]),)
+    if (op, argument) == ("conv2d_vjp", "grad_y"):
+        return in_image(S[index, :]), rows[:, index].reshape(weight_shape)
+    if (op, argument) == ("inv_conv2d_vjp", "grad_x"):
+        grad_y = R[index, :]
+        return in_image(grad_y), rows[:, grad_y].any(axis=1).reshape(weight_shape)
+    if op in ("conv2d_vjp", "inv_conv2d_vjp") and argument == "x":
+        return nothing, cols[:, index].reshape(weight_shape)
+    raise ValueError(f"{op} has no input {argument!r}")

@@ -127,18 +127,29 @@ def _solve_adjoint(grad_x, weight, conv: Conv):
 
 
 def _weight_grad(grad_out, x, scale, conv: Conv):
-    """``scale * sum_{b,h,w} grad_out[b,o,h,w] * x_pad[b, g*C_g+i, h+u, w+v]``."""
+    """``scale * sum_{b,h,w} grad_out[b,o,h,w] * x_pad[b, g*C_g+i, h+u, w+v]``.
+
+    Only the terms whose ``x_pad`` pixel lies inside the image are summed: a
+    padded zero times a NaN or Inf gradient would otherwise make an entry
+    non-finite that does not depend on it.
+    """
     B, C, H, W = x.shape
     G, cg = conv.groups, conv.group_channels
-    left, right, top, bottom = conv.pads
-    x_pad = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
-    g = grad_out.astype(np.float64).reshape(B, G, cg, H * W)
-    out = np.empty((C, cg, conv.kh, conv.kw))
+    left, _, top, _ = conv.pads
+    xs = x.astype(np.float64).reshape(B, G, cg, H, W)
+    g = grad_out.astype(np.float64).reshape(B, G, cg, H, W)
+    out = np.zeros((C, cg, conv.kh, conv.kw))
     for u in range(conv.kh):
+        h0, h1 = max(0, top - u), min(H, H + top - u)   # output rows reading inside x
         for v in range(conv.kw):
-            shifted = x_pad[:, :, u:u + H, v:v + W].reshape(B, G, cg, H * W)
-            out[:, :, u, v] = np.einsum("bgop,bgip->goi", g, shifted,
-                                        optimize=True).reshape(C, cg)
+            w0, w1 = max(0, left - v), min(W, W + left - v)
+            if h0 >= h1 or w0 >= w1:
+                continue
+            with np.errstate(invalid="ignore"):  # Inf - Inf is a NaN that propagates, as documented
+                out[:, :, u, v] = np.einsum(
+                    "bgohw,bgihw->goi", g[..., h0:h1, w0:w1],
+                    xs[..., h0 + u - top:h1 + u - top, w0 + v - left:w1 + v - left],
+                    optimize=True).reshape(C, cg)
     out[conv.ignored_mask()] = 0.0
     return (scale * out).astype(x.dtype)
 

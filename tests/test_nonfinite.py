@@ -1,0 +1,83 @@
+"""A NaN or Inf reaches exactly the outputs that depend on it structurally.
+
+The truth is the structure of the dense operator (tests/support.py): which
+entries of ``M``, ``M^-1`` and ``dM/dW`` are non-zero for a generic weight.
+A NaN must not reach an output through an ignored tap (0 * NaN) or a padded
+pixel, and must reach every output that does depend on it.
+"""
+import functools
+
+import numpy as np
+import pytest
+
+import invconv
+from support import CORNERS, make_weight, nonfinite_reach, structure
+
+# Backends held to this.  The kernels multiply ignored taps by the input
+# (0 * NaN); "emulator" joins once they do not (the CUDA run lives in the
+# GPU tests).
+BACKENDS = ["reference"]
+
+SHAPE = (2, 4, 4, 5)           # B, C, H, W: two groups of two channels with groups=2
+ARGUMENTS = {"conv2d": ["x"], "inv_conv2d": ["y"], "conv2d_vjp": ["grad_y", "x"],
+             "inv_conv2d_vjp": ["grad_x", "x"]}
+
+
+def positions():
+    """(image, channel, row, col): every channel at an inner pixel, channel 1 at each corner."""
+    B, C, H, W = SHAPE
+    inner = [(1, c, 1, 2) for c in range(C)]
+    corners = [(0, 1, h, w) for h in (0, H - 1) for w in (0, W - 1)]
+    return inner + corners
+
+
+@functools.lru_cache(maxsize=None)
+def cached_structure(weight_shape, corner, groups, unit_diagonal):
+    return structure(weight_shape, SHAPE[2], SHAPE[3], corner, groups, unit_diagonal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", list(ARGUMENTS))
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("corner", CORNERS)
+@pytest.mark.parametrize("groups, unit_diagonal", [(1, True), (2, False)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nonfinite_reaches_exactly_its_dependents(backend, op, value, corner, groups,
+                                                   unit_diagonal, dtype):
+    B, C, H, W = SHAPE
+    rng = np.random.default_rng(13)
+    # NaN in the ignored entries too: they must never be read.
+    weight = make_weight(rng, C, groups, 2, 3, corner, unit_diagonal, dtype, junk=np.nan)
+    opts = dict(corner=corner, groups=groups, unit_diagonal=unit_diagonal, backend=backend)
+    struct = cached_structure(weight.shape, corner, groups, unit_diagonal)
+    inputs = {name: rng.standard_normal(SHAPE).astype(dtype) for name in ARGUMENTS[op]}
+    for argument in ARGUMENTS[op]:
+        for b, c, h, w in positions():
+            given = {name: a.copy() for name, a in inputs.items()}
+            given[argument][b, c, h, w] = value
+            outputs = getattr(invconv, op)(*given.values(), weight, **opts)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            index = np.ravel_multi_index((c, h, w), (C, H, W))
+            expected = nonfinite_reach(op, argument, b, index, SHAPE, weight.shape, struct)
+            assert any(reach.any() for reach in expected)  # every input matters somewhere
+            for out, reach in zip(outputs, expected, strict=True):
+                got = ~np.isfinite(out)
+                wrong = np.argwhere(got != reach)
+                assert not len(wrong), (
+                    f"{value} in {argument}[{b}, {c}, {h}, {w}]: output entries "
+                    f"{wrong[:6].tolist()} are {'non-finite' if got[tuple(wrong[0])] else 'finite'}"
+                    f" but should {'not ' if got[tuple(wrong[0])] else ''}be")
+
+
+def test_the_truth_is_not_everything():
+    """The structure separates: with groups=2 nothing crosses groups, and the
+    closure of the inverse reaches strictly more than the convolution."""
+    S, R, taps = cached_structure((4, 2, 2, 3), "top-left", 2, False)
+    n = S.shape[0] // 4
+    assert not S[:2 * n, 2 * n:].any() and not R[:2 * n, 2 * n:].any()
+    assert (R >= S).all() and R.sum() > S.sum()
+    # Channel 1 does not feed channel 0 at the same pixel (an ignored tap).
+    assert not S[0, n].any() and not R[0, n]
+    ignored = np.isnan(make_weight(np.random.default_rng(0), 4, 2, 2, 3, "top-left", False,
+                                   junk=np.nan)).reshape(-1)
+    assert ignored.any() and not taps[ignored].any() and taps[~ignored].any(axis=(1, 2)).all()
