@@ -137,35 +137,51 @@ def structure(weight_shape, H, W, corner="top-left", groups=1, unit_diagonal=Tru
     return S, R, taps
 
 
-def nonfinite_reach(op, argument, image, index, shape, weight_shape, structure_):
+def nonfinite_reach(op, argument, entry, shape, weight_shape, structure_):
     """Which outputs of `op` a NaN or Inf at one input entry makes non-finite.
 
-    The entry is ``argument[image].reshape(-1)[index]`` (argument "x", "y",
-    "grad_y" or "grad_x"; all other inputs finite and generic, i.e. with no
-    zeros).  Returns one boolean mask per output of `op`, shaped like it.
-    ``conv2d``: ``y = M x``; ``inv_conv2d``: ``x = M^-1 y``; the vjps:
-    ``grad_x = M^T grad_y``, ``grad_y = M^-T grad_x`` and ``grad_weight[e] =
-    ±sum_b g_b^T (dM/dW_e) x_b`` with ``g`` the image gradient at the output.
+    `entry` is ``(image, index)``, the entry ``argument[image].reshape(-1)[index]``
+    of an image argument ("x", "y", "grad_y", "grad_x"), or for "weight" the
+    index of a read (not ignored) entry of ``weight.reshape(-1)``.  All other
+    inputs are finite and generic (no zeros).  Returns one boolean mask per
+    output of `op`, shaped like it.  ``conv2d``: ``y = M x``; ``inv_conv2d``:
+    ``x = M^-1 y``; the vjps: ``grad_x = M^T grad_y``, ``grad_y = M^-T grad_x``
+    and ``grad_weight[e] = ±sum_b g_b^T (dM/dW_e) x_b`` with ``g`` the image
+    gradient at the operator's output.
     """
     S, R, taps = structure_
     B, n = shape[0], int(np.prod(shape[1:]))
+    rows, cols = taps.any(axis=2), taps.any(axis=1)   # (entries, n): the g and x W_e pairs
 
-    def in_image(pattern):
+    def images(pattern, image=None):
         mask = np.zeros((B, n), dtype=bool)
-        mask[image] = pattern
+        mask[slice(None) if image is None else image] = pattern
         return mask.reshape(shape)
 
-    rows, cols = taps.any(axis=2), taps.any(axis=1)   # (entries, n): g and x that W_e pairs
+    def weights(pattern):
+        return pattern.reshape(weight_shape)
+
     nothing = np.zeros(shape, dtype=bool)
+    if argument == "weight":
+        # A NaN in W_e poisons the entries taps[e] of M; every image meets them.
+        e = entry
+        reach = {"conv2d": (images(rows[e]),),
+                 "inv_conv2d": (images(R[:, rows[e]].any(axis=1)),),
+                 "conv2d_vjp": (images(cols[e]), np.zeros(weight_shape, dtype=bool))}
+        if op == "inv_conv2d_vjp":
+            grad_y = R[cols[e], :].any(axis=0)
+            return images(grad_y), weights(rows[:, grad_y].any(axis=1))
+        return reach[op]
+    image, index = entry
     if (op, argument) == ("conv2d", "x"):
-        return (in_image(S[:, index]),)
+        return (images(S[:, index], image),)
     if (op, argument) == ("inv_conv2d", "y"):
-        return (in_image(R[:, index]),)
+        return (images(R[:, index], image),)
     if (op, argument) == ("conv2d_vjp", "grad_y"):
-        return in_image(S[index, :]), rows[:, index].reshape(weight_shape)
+        return images(S[index, :], image), weights(rows[:, index])
     if (op, argument) == ("inv_conv2d_vjp", "grad_x"):
         grad_y = R[index, :]
-        return in_image(grad_y), rows[:, grad_y].any(axis=1).reshape(weight_shape)
+        return images(grad_y, image), weights(rows[:, grad_y].any(axis=1))
     if op in ("conv2d_vjp", "inv_conv2d_vjp") and argument == "x":
-        return nothing, cols[:, index].reshape(weight_shape)
+        return nothing, weights(cols[:, index])
     raise ValueError(f"{op} has no input {argument!r}")
