@@ -346,6 +346,18 @@ def test_compiler_problems_name_cxx(cache, monkeypatch, cxx, match):
     one_line_error(match)
 
 
+def test_race_check_without_a_compiler_is_one_line(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(RuntimeError, match="CXX='/nonexistent/c\\+\\+': No such file"):
+        tsan_runtime()
+    src = str(Path(invconv.emulator.__file__).parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "invconv.emulator.racecheck", "-c", "pass"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "racecheck: cuemu: cannot run the C++ compiler CXX='/nonexistent/c++'" in proc.stderr
+
+
 def test_a_failing_compiler_without_output_is_named(cache, monkeypatch):
     monkeypatch.setenv("CXX", "false")
     with pytest.raises(RuntimeError, match="compilation failed(.|\n)*CXX='false' exited with "

@@ -288,8 +288,11 @@ class EmulatedModule:
     Raises
     ------
     RuntimeError
-        If compilation fails (the message holds the compiler's output), or
-        race checking is requested without libtsan in the process.
+        If compilation fails (the message holds the compiler's output), the
+        compiler (``CXX``) cannot be run or builds nothing, the cache
+        directory (``INVCONV_EMULATOR_CACHE``) cannot be written when a build
+        is needed, or race checking is requested without libtsan in the
+        process.
     """
 
     def __init__(self, code=None, *, path=None, options=(), name_expressions=None,

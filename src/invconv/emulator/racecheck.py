@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ._module import _compiler, _compiler_env
+from ._module import _compiler, _compiler_named, _run_compiler
 
 # halt_on_error=0: report every race, not only the first.  The interpreter is
 # not instrumented, so only the emulated kernels (and libc calls) are watched.
@@ -58,12 +58,12 @@ def tsan_runtime():
     Raises
     ------
     RuntimeError
-        If the compiler does not know one.
+        If the compiler (``CXX``) cannot be run or does not know one.
     """
-    out = subprocess.run([*_compiler(), "-print-file-name=libtsan.so"], capture_output=True,
-                         text=True, env=_compiler_env()).stdout.strip()
+    cxx = _compiler()
+    out = _run_compiler(cxx, ["-print-file-name=libtsan.so"]).stdout.strip()
     if not os.path.isabs(out) or not os.path.exists(out):
-        raise RuntimeError(f"cuemu: the compiler ({' '.join(_compiler())}) has no libtsan.so; "
+        raise RuntimeError(f"cuemu: {_compiler_named(cxx)} has no libtsan.so; "
                            "race checking needs g++ with ThreadSanitizer")
     return out
 
@@ -117,7 +117,11 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
-    result = run_race_check(argv)
+    try:
+        result = run_race_check(argv)
+    except RuntimeError as e:  # no compiler, or no ThreadSanitizer runtime
+        print(f"racecheck: {e}", file=sys.stderr)
+        return 2
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.report)
     print(f"racecheck: {result.races} data race(s) reported; program exit status "
