@@ -172,6 +172,10 @@ def test_byte_swapped_arrays_are_accepted(data, name, dtype, backend):
     assert (xs.tobytes(), ws.tobytes()) == before and xs.dtype == other
     assert invconv.logdet(ws, 5, 6, groups=2, unit_diagonal=False) == \
         invconv.logdet(w, 5, 6, groups=2, unit_diagonal=False)
+    swapped_operator = invconv.reference.operator(ws, 5, 6, groups=2, unit_diagonal=False)
+    assert swapped_operator.dtype == np.dtype(dtype)
+    assert (swapped_operator != invconv.reference.operator(w, 5, 6, groups=2,
+                                                           unit_diagonal=False)).nnz == 0
 
 
 def test_byte_swapped_non_floats_are_still_refused(data):
