@@ -152,9 +152,25 @@ def _conv2d_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, scale: floa
                 unit_diagonal, scale)
 
 
-def _register(fn, fake):
-    op = torch.library.custom_op(f"invconv::{fn.__name__.lstrip('_')}", mutates_args=())(fn)
-    op.register_fake(fake)
+# The ops are registered with the low-level torch.library API rather than
+# torch.library.custom_op: custom_op's register_autograd is reverse mode only
+# (a dual tensor from torch.func.jvp or forward_ad passes through with a zero
+# tangent, and torch.func.grad refuses its autograd.Function).  Here each op's
+# Autograd kernel applies an autograd.Function with setup_context, backward
+# and jvp, so every torch.func transform composes with it, and a vmap rule
+# turns a vmapped dimension into a batch or channel-group dimension (one
+# launch, no loop).  torch.compile still sees one opaque op with a fake kernel.
+_LIB = torch.library.Library("invconv", "FRAGMENT")
+
+
+def _register(fn, fake, vmap_rule):
+    name = fn.__name__.lstrip("_")
+    _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()),
+                tags=(torch.Tag.pt2_compliant_tag,))
+    _LIB.impl(name, fn, "CompositeExplicitAutograd")
+    op = getattr(torch.ops.invconv, name).default
+    torch.library.register_fake(op, fake, lib=_LIB)
+    torch.library.register_vmap(op, vmap_rule(op), lib=_LIB)
     return op
 
 
@@ -166,16 +182,98 @@ def _like_weight(grad_out, x, weight, *rest):
     return torch.empty_like(weight)
 
 
-conv2d_op = _register(_conv2d, _like_first)
-inv_conv2d_op = _register(_inv_conv2d, _like_first)
-conv2d_adjoint_op = _register(_conv2d_adjoint, _like_first)
-inv_conv2d_adjoint_op = _register(_inv_conv2d_adjoint, _like_first)
-conv2d_weight_grad_op = _register(_conv2d_weight_grad, _like_weight)
+def _unbatched_shape(t, bdim):
+    return t.shape if bdim is None else t.shape[:bdim] + t.shape[bdim + 1:]
 
 
+def _stack_images(images, bdim, n):
+    """vmapped (n, B, C, H, W) -> (B, n*C, H, W): copy i of the map becomes channel block i."""
+    B, C, H, W = _unbatched_shape(images, bdim)
+    images = images.expand(n, B, C, H, W) if bdim is None else images.movedim(bdim, 0)
+    return images.transpose(0, 1).reshape(B, n * C, H, W)
+
+
+def _stack_weights(weight, bdim, n):
+    """vmapped (n, C, C_g, kh, kw) -> (n*C, C_g, kh, kw): n independent channel groups."""
+    shape = _unbatched_shape(weight, bdim)
+    weight = weight.expand(n, *shape) if bdim is None else weight.movedim(bdim, 0)
+    return weight.reshape(n * shape[0], *shape[1:])
+
+
+def _image_vmap(op):
+    """vmap rule of an op ``(image, weight, corner, groups, unit_diagonal) -> image``."""
+    def rule(info, in_dims, image, weight, corner, groups, unit_diagonal):
+        image_dim, weight_dim = in_dims[:2]
+        if weight_dim is None:      # one operator: the vmapped dimension joins the batch
+            images = image.movedim(image_dim, 0)
+            out = op(images.reshape(-1, *images.shape[2:]), weight, corner, groups, unit_diagonal)
+            return out.reshape(images.shape), 0
+        # One operator per copy: a block-diagonal operator with n times the groups.
+        n = info.batch_size
+        B, C, H, W = _unbatched_shape(image, image_dim)
+        out = op(_stack_images(image, image_dim, n), _stack_weights(weight, weight_dim, n),
+                 corner, groups * n, unit_diagonal)
+        return out.reshape(B, n, C, H, W), 1
+    return rule
+
+
+def _weight_grad_vmap(op):
+    def rule(info, in_dims, grad_out, x, weight, scale, corner, groups, unit_diagonal):
+        grad_dim, x_dim, weight_dim = in_dims[:3]
+        if grad_dim is None and x_dim is None:  # the weight's values are not read
+            return op(grad_out, x, weight.select(weight_dim, 0), scale, corner, groups,
+                      unit_diagonal), None
+        n = info.batch_size
+        shape = _unbatched_shape(weight, weight_dim)
+        out = op(_stack_images(grad_out, grad_dim, n), _stack_images(x, x_dim, n),
+                 _stack_weights(weight, weight_dim, n), scale, corner, groups * n, unit_diagonal)
+        return out.reshape(n, *shape), 0
+    return rule
+
+
+conv2d_op = _register(_conv2d, _like_first, _image_vmap)
+inv_conv2d_op = _register(_inv_conv2d, _like_first, _image_vmap)
+conv2d_adjoint_op = _register(_conv2d_adjoint, _like_first, _image_vmap)
+inv_conv2d_adjoint_op = _register(_inv_conv2d_adjoint, _like_first, _image_vmap)
+conv2d_weight_grad_op = _register(_conv2d_weight_grad, _like_weight, _weight_grad_vmap)
+
+
+# --------------------------------------------------------------------------
+# derivatives
+#
+# M(W) is linear in W as well as in x.  Its derivative along a weight
+# direction dW is M'(dW): the masked convolution with dW whose ignored entries
+# are zero -- including the diagonal when unit_diagonal=True, since a constant
+# 1 has no tangent.  So every formula below is one of the five ops again, and
+# derivatives of derivatives (Hessians, forward-over-reverse) work too.
+
+
+def _diagonal_mask(shape, corner, groups, device):
+    conv = _api.make_conv(tuple(shape), corner=corner, groups=groups, unit_diagonal=True)
+    mask = np.zeros(tuple(shape), dtype=bool)
+    u0, v0 = conv.same_pixel_tap
+    c = np.arange(conv.channels)
+    mask[c, c % conv.group_channels, u0, v0] = True
+    return torch.from_numpy(mask).to(device)
+
+
+def _linear_part(op, image, weight_direction, corner, groups, unit_diagonal):
+    """``op`` (conv2d or its adjoint) with M'(dW) in place of M(W)."""
+    if unit_diagonal:
+        mask = _diagonal_mask(weight_direction.shape, corner, groups, weight_direction.device)
+        weight_direction = weight_direction.masked_fill(mask, 0)
+    return op(image, weight_direction, corner, groups, False)
+
+
+def _save(ctx, *tensors):
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+
+
+# y = M x
 def _setup_conv2d(ctx, inputs, output):
     x, weight, *opts = inputs
-    ctx.save_for_backward(x, weight)
+    _save(ctx, x, weight)
     ctx.opts = opts
 
 
@@ -187,9 +285,20 @@ def _backward_conv2d(ctx, grad):
     return grad_x, grad_w, None, None, None
 
 
+def _jvp_conv2d(ctx, x_t, weight_t, *_):
+    # d(M x) = M dx + M'(dW) x
+    x, weight = ctx.saved_tensors
+    out = None if x_t is None else conv2d_op(x_t, weight, *ctx.opts)
+    if weight_t is not None:
+        by_weight = _linear_part(conv2d_op, x, weight_t, *ctx.opts)
+        out = by_weight if out is None else out + by_weight
+    return out
+
+
+# x = M^-1 y
 def _setup_inv_conv2d(ctx, inputs, output):
     _, weight, *opts = inputs
-    ctx.save_for_backward(output, weight)   # the weight gradient needs x = M^-1 y
+    _save(ctx, output, weight)   # the weight derivatives need x = M^-1 y
     ctx.opts = opts
 
 
@@ -203,8 +312,140 @@ def _backward_inv_conv2d(ctx, grad):
     return (grad_y if ctx.needs_input_grad[0] else None), grad_w, None, None, None
 
 
-conv2d_op.register_autograd(_backward_conv2d, setup_context=_setup_conv2d)
-inv_conv2d_op.register_autograd(_backward_inv_conv2d, setup_context=_setup_inv_conv2d)
+def _jvp_inv_conv2d(ctx, y_t, weight_t, *_):
+    # M x = y gives M dx = dy - M'(dW) x: one more solve.
+    x, weight = ctx.saved_tensors
+    rhs = y_t
+    if weight_t is not None:
+        by_weight = _linear_part(conv2d_op, x, weight_t, *ctx.opts)
+        rhs = -by_weight if rhs is None else rhs - by_weight
+    return inv_conv2d_op(rhs, weight, *ctx.opts)
+
+
+# h = M^T g
+def _setup_conv2d_adjoint(ctx, inputs, output):
+    grad, weight, *opts = inputs
+    _save(ctx, grad, weight)
+    ctx.opts = opts
+
+
+def _backward_conv2d_adjoint(ctx, grad_h):
+    # <G, M^T g> = <g, M G>
+    grad, weight = ctx.saved_tensors
+    grad_g = conv2d_op(grad_h, weight, *ctx.opts) if ctx.needs_input_grad[0] else None
+    grad_w = (conv2d_weight_grad_op(grad, grad_h, weight, 1.0, *ctx.opts)
+              if ctx.needs_input_grad[1] else None)
+    return grad_g, grad_w, None, None, None
+
+
+def _jvp_conv2d_adjoint(ctx, grad_t, weight_t, *_):
+    grad, weight = ctx.saved_tensors
+    out = None if grad_t is None else conv2d_adjoint_op(grad_t, weight, *ctx.opts)
+    if weight_t is not None:
+        by_weight = _linear_part(conv2d_adjoint_op, grad, weight_t, *ctx.opts)
+        out = by_weight if out is None else out + by_weight
+    return out
+
+
+# h = M^-T g
+def _setup_inv_conv2d_adjoint(ctx, inputs, output):
+    _, weight, *opts = inputs
+    _save(ctx, output, weight)
+    ctx.opts = opts
+
+
+def _backward_inv_conv2d_adjoint(ctx, grad_h):
+    # <G, dh> = -<M^-1 G, dM^T h> = -<h, dM u> with u = M^-1 G
+    h, weight = ctx.saved_tensors
+    if not any(ctx.needs_input_grad[:2]):
+        return None, None, None, None, None
+    u = inv_conv2d_op(grad_h, weight, *ctx.opts)
+    grad_w = (conv2d_weight_grad_op(h, u, weight, -1.0, *ctx.opts)
+              if ctx.needs_input_grad[1] else None)
+    return (u if ctx.needs_input_grad[0] else None), grad_w, None, None, None
+
+
+def _jvp_inv_conv2d_adjoint(ctx, grad_t, weight_t, *_):
+    # M^T h = g gives M^T dh = dg - M'(dW)^T h.
+    h, weight = ctx.saved_tensors
+    rhs = grad_t
+    if weight_t is not None:
+        by_weight = _linear_part(conv2d_adjoint_op, h, weight_t, *ctx.opts)
+        rhs = -by_weight if rhs is None else rhs - by_weight
+    return inv_conv2d_adjoint_op(rhs, weight, *ctx.opts)
+
+
+# G_W = scale * d<g, M x>/dW: bilinear in (g, x); reads only the weight's shape.
+def _setup_weight_grad(ctx, inputs, output):
+    grad, x, weight, scale, *opts = inputs
+    _save(ctx, grad, x, weight)
+    ctx.scale, ctx.opts = scale, opts
+
+
+def _backward_weight_grad(ctx, grad_gw):
+    # <Gw, G_W> = scale * <g, M'(Gw) x>
+    grad, x, weight = ctx.saved_tensors
+    grad_g = grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_g = ctx.scale * _linear_part(conv2d_op, x, grad_gw, *ctx.opts)
+    if ctx.needs_input_grad[1]:
+        grad_x = ctx.scale * _linear_part(conv2d_adjoint_op, grad, grad_gw, *ctx.opts)
+    return grad_g, grad_x, None, None, None, None, None
+
+
+def _jvp_weight_grad(ctx, grad_t, x_t, weight_t, *_):
+    grad, x, weight = ctx.saved_tensors
+    terms = []
+    if grad_t is not None:
+        terms.append(conv2d_weight_grad_op(grad_t, x, weight, ctx.scale, *ctx.opts))
+    if x_t is not None:
+        terms.append(conv2d_weight_grad_op(grad, x_t, weight, ctx.scale, *ctx.opts))
+    return sum(terms[1:], terms[0]) if terms else torch.zeros_like(weight)
+
+
+@contextlib.contextmanager
+def _single_level_functions_allowed():
+    previous = torch._C._functorch.get_single_level_autograd_function_allowed()
+    torch._C._functorch.set_single_level_autograd_function_allowed(True)
+    try:
+        yield
+    finally:
+        torch._C._functorch.set_single_level_autograd_function_allowed(previous)
+
+
+def _differentiable(op, setup_context, backward, jvp):
+    """Give ``op`` an Autograd kernel: an autograd.Function with these formulas."""
+    def forward(*args):
+        return op(*args)
+
+    function = type(f"{op._opname}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp),
+        "generate_vmap_rule": True})
+
+    def autograd_kernel(keyset, *args):
+        # autograd.Function.forward runs with both grad modes off, so the
+        # op called there goes straight to the backend kernel.  The
+        # single-level apply records on this level's tensors as a built-in
+        # op's Autograd kernel does, also inside torch.func transforms
+        # (Function.apply would re-enter functorch from here and fail).
+        if torch.is_grad_enabled() or torch._C._is_fwd_grad_enabled():
+            with _single_level_functions_allowed():
+                return super(torch.autograd.Function, function).apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    _LIB.impl(op._opname, autograd_kernel, "Autograd", with_keyset=True)
+
+
+_differentiable(conv2d_op, _setup_conv2d, _backward_conv2d, _jvp_conv2d)
+_differentiable(inv_conv2d_op, _setup_inv_conv2d, _backward_inv_conv2d, _jvp_inv_conv2d)
+_differentiable(conv2d_adjoint_op, _setup_conv2d_adjoint, _backward_conv2d_adjoint,
+                _jvp_conv2d_adjoint)
+_differentiable(inv_conv2d_adjoint_op, _setup_inv_conv2d_adjoint,
+                _backward_inv_conv2d_adjoint, _jvp_inv_conv2d_adjoint)
+_differentiable(conv2d_weight_grad_op, _setup_weight_grad, _backward_weight_grad,
+                _jvp_weight_grad)
 
 
 def _check_options(x, weight, corner, groups, unit_diagonal):
