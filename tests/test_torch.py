@@ -37,17 +37,17 @@ def test_ops_agree_with_the_array_api():
 @pytest.mark.parametrize("name", ["conv2d_op", "inv_conv2d_op", "conv2d_adjoint_op",
                                   "inv_conv2d_adjoint_op"])
 def test_opcheck(name):
-    # The backward ops (adjoints) are not differentiable themselves, so only
-    # the forward ops are checked with inputs that require gradients.
-    differentiable = name in ("conv2d_op", "inv_conv2d_op")
-    w = _weight(3, 1, 3, "bottom-left", False).requires_grad_(differentiable)
-    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=differentiable)
+    # Every op is differentiable (the backward ops too), so all are checked
+    # with inputs that require gradients.
+    w = _weight(3, 1, 3, "bottom-left", False).requires_grad_()
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(getattr(it, name), (x, w, "bottom-left", 1, False))
 
 
 def test_opcheck_weight_grad():
     w = _weight(3, 3, 3, "top-left", True)
-    x, g = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(it.conv2d_weight_grad_op, (g, x, w, -1.0, "top-left", 3, True))
 
 
@@ -80,12 +80,16 @@ def test_bad_input_is_refused():
         it.inv_conv2d(torch.zeros(1, 2, 4, 4, dtype=torch.float64), zero, unit_diagonal=False)
 
 
-def test_double_backward_raises_clearly():
-    w = _weight(2, 1, 2, "top-left", True).requires_grad_()
+def test_double_backward_matches_the_dense_hessian():
+    # The Hessian of 0.5 |M^-1 x|^2 in x is M^-T M^-1.
+    w = _weight(2, 1, 2, "top-left", False)
     x = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(it.inv_conv2d(x, w).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
+    (g,) = torch.autograd.grad(0.5 * it.inv_conv2d(x, w, unit_diagonal=False).square().sum(), x,
+                               create_graph=True)
+    hessian = torch.stack([torch.autograd.grad(g.reshape(-1)[i], x, retain_graph=True)[0]
+                           for i in range(x.numel())]).reshape(x.numel(), x.numel())
+    Minv = np.linalg.inv(dense_operator(w.numpy(), 3, 3, "top-left", 1, False))
+    torch.testing.assert_close(hessian, torch.from_numpy(Minv.T @ Minv))
 
 
 # -- layers ----------------------------------------------------------------
