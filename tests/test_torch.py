@@ -182,3 +182,41 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(comp_loss, eager_loss)
     for a, b in zip(comp_grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(kernel_size=(3,)), ValueError, "kernel_size must be an int or a pair"),
+    (dict(kernel_size=(3, 3, 3)), ValueError, "kernel_size must be an int or a pair"),
+    (dict(kernel_size=0), ValueError, "kernel_size must be >= 1"),
+    (dict(kernel_size=(3, 0)), ValueError, r"kernel_size\[1\] must be >= 1"),
+    (dict(kernel_size=(3, 2.5)), TypeError, r"kernel_size\[1\] must be an integer"),
+    (dict(kernel_size=3.0), TypeError, "kernel_size must be an int"),
+    (dict(kernel_size="3"), TypeError, "kernel_size must be an int"),
+    (dict(kernel_size=True), TypeError, "kernel_size must be an int"),
+    (dict(channels=0), ValueError, "channels must be >= 1"),
+    (dict(channels=4.0), TypeError, "channels must be an integer"),
+    (dict(groups=0), ValueError, "groups must be >= 1"),
+    (dict(groups=3), ValueError, "channels=4 is not divisible by groups=3"),
+    (dict(groups=2.0), TypeError, "groups must be an integer"),
+    (dict(corner="centre"), ValueError, "corner must be one of"),
+    (dict(corner=None), ValueError, "corner must be one of"),
+    (dict(learn_diagonal="yes"), TypeError, "learn_diagonal must be a bool"),
+    (dict(init_std=-0.1), ValueError, "init_std must be finite and >= 0"),
+    (dict(init_std=float("nan")), ValueError, "init_std must be finite and >= 0"),
+    (dict(init_std="0.1"), TypeError, "init_std must be a real number"),
+])
+def test_layer_arguments_are_validated_by_name(cls, kwargs, error, match):
+    kwargs = dict(dict(channels=4), **kwargs)
+    with pytest.raises(error, match=match):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_layer_accepts_valid_argument_forms(cls):
+    for kernel_size, expected in [(3, (3, 3)), ((2, 3), (2, 3)), ([1, 4], (1, 4)),
+                                  (np.int64(2), (2, 2)), ((np.int32(3), 2), (3, 2))]:
+        layer = cls(np.int64(4), kernel_size, groups=2, init_std=0)
+        assert layer.kernel_size == expected and layer.channels == 4
+        assert layer.weight.shape == (4, 2, *expected)
+        assert torch.all(layer.weight == 0)  # init_std=0: exactly the identity

@@ -27,6 +27,8 @@ Layers follow the nflows/zuko convention: both directions return
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 
 import numpy as np
 import torch
@@ -487,6 +489,38 @@ def inv_conv2d(y: Tensor, weight: Tensor, *, corner: str = "top-left", groups: i
 # layers
 
 
+def _check_layer_arguments(channels, kernel_size, corner, groups, learn_diagonal, init_std):
+    """Validate a layer's constructor arguments, naming the one at fault.
+
+    Returns ``(channels, (kh, kw), groups, init_std)`` as Python numbers.
+    """
+    channels = _api._check_int(channels, "channels", 1)
+    if isinstance(kernel_size, (tuple, list)):
+        if len(kernel_size) != 2:
+            raise ValueError(f"kernel_size must be an int or a pair (kh, kw), got "
+                             f"{tuple(kernel_size)!r} of length {len(kernel_size)}")
+        kernel = tuple(_api._check_int(k, f"kernel_size[{i}]", 1)
+                       for i, k in enumerate(kernel_size))
+    elif isinstance(kernel_size, numbers.Integral) and not isinstance(kernel_size, bool):
+        k = _api._check_int(kernel_size, "kernel_size", 1)
+        kernel = (k, k)
+    else:
+        raise TypeError(f"kernel_size must be an int or a pair (kh, kw) of ints, got "
+                        f"{type(kernel_size).__name__}")
+    if not isinstance(corner, str) or corner not in _api.CORNERS:
+        raise ValueError(f"corner must be one of {_api.CORNERS}, got {corner!r}")
+    groups = _api._check_int(groups, "groups", 1)
+    if channels % groups:
+        raise ValueError(f"channels={channels} is not divisible by groups={groups}")
+    if not isinstance(learn_diagonal, (bool, np.bool_)):
+        raise TypeError(f"learn_diagonal must be a bool, got {type(learn_diagonal).__name__}")
+    if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real):
+        raise TypeError(f"init_std must be a real number, got {type(init_std).__name__}")
+    if not (math.isfinite(init_std) and init_std >= 0):
+        raise ValueError(f"init_std must be finite and >= 0, got {init_std}")
+    return channels, kernel, groups, float(init_std)
+
+
 class _MaskedConvLayer(torch.nn.Module):
     """Shared parameters of :class:`InvConv2d` and :class:`MaskedConv2d`.
 
@@ -503,11 +537,10 @@ class _MaskedConvLayer(torch.nn.Module):
     def __init__(self, channels, kernel_size=3, *, corner="top-left", groups=1,
                  learn_diagonal=False, init_std=0.01, dtype=None, device=None):
         super().__init__()
-        kh, kw = ((kernel_size, kernel_size) if isinstance(kernel_size, int)
-                  else tuple(kernel_size))
-        conv = _api.make_conv((channels, channels // groups if groups else 0, kh, kw),
-                              corner=corner, groups=groups,
-                              unit_diagonal=not learn_diagonal)
+        channels, (kh, kw), groups, init_std = _check_layer_arguments(
+            channels, kernel_size, corner, groups, learn_diagonal, init_std)
+        conv = _api.make_conv((channels, channels // groups, kh, kw), corner=corner,
+                              groups=groups, unit_diagonal=not learn_diagonal)
         self.conv = conv
         self.channels, self.kernel_size, self.corner, self.groups = channels, (kh, kw), corner, groups
         self.learn_diagonal, self.init_std = bool(learn_diagonal), float(init_std)
