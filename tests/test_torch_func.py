@@ -282,3 +282,16 @@ def test_layers_under_jvp_match_finite_differences(cls, learn):
     _, (dround, _) = torch.func.jvp(lambda a: layer.inverse(layer(a)[0]), (x,), (dx,))
     torch.testing.assert_close(dround, dx)
 
+
+
+def test_jvp_inside_torch_compile_fullgraph_matches_dense():
+    corner, groups, unit = CASES[1]
+    w = _weight(corner, groups, unit)
+    dense = _Dense(w, corner, groups, unit)
+    x, dx, dw = torch.randn(2, C, H, W, dtype=F64), _direction((2, C, H, W), 6), _direction(w.shape, 7)
+
+    def tangent(a, b, da, db):
+        return torch.func.jvp(lambda p, q: it.inv_conv2d(p, q, **dense.opts), (a, b), (da, db))[1]
+
+    compiled = torch.compile(tangent, fullgraph=True)
+    _assert_close(compiled(x, w, dx, dw), dense.tangent("inv_conv2d", x, dx, dw))

@@ -1,18 +1,22 @@
 """PyTorch adapters: differentiable ops and the flow layers.
 
 Functional ops ``conv2d`` and ``inv_conv2d`` take the same options as the
-array API (``corner``, ``groups``, ``unit_diagonal``) and are registered with
-:func:`torch.library.custom_op` in the ``invconv::`` namespace, with fake
-(meta) kernels so ``torch.compile`` traces them, and autograd formulas whose
-backward launches are custom ops themselves:
+array API (``corner``, ``groups``, ``unit_diagonal``) and are PyTorch
+operators in the ``invconv::`` namespace, with fake (meta) kernels so
+``torch.compile(fullgraph=True)`` traces them:
 
 - ``invconv::conv2d`` / ``invconv::inv_conv2d``: ``M x`` and ``M^-1 y``;
 - ``invconv::conv2d_adjoint`` / ``invconv::inv_conv2d_adjoint``: ``M^T g`` and ``M^-T g``;
 - ``invconv::conv2d_weight_grad``: the weight gradient shared by both.
 
-Only the gradients that are needed are computed (a frozen weight costs no
-weight-gradient launch). Double backward is not supported: differentiating
-the backward ops raises an error from PyTorch.
+All five are differentiable in both modes, and each derivative is one of the
+five again (``M`` is linear in ``x`` and in ``W``), so every transform
+composes: backward (only the gradients that are needed: a frozen weight costs
+no weight-gradient launch), double backward and Hessians, forward mode
+(``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``),
+``torch.func.grad``/``jacrev``/``vjp``, and ``vmap``.  A vmapped image
+dimension joins the batch and a vmapped weight becomes extra channel groups,
+so a vmapped call is one launch, not a loop.
 
 CPU tensors go through the SciPy reference; CUDA tensors go to the CuPy
 kernels through DLPack without copies, on ``torch.cuda.current_stream()``,
