@@ -37,6 +37,8 @@ import numbers
 import numpy as np
 import torch
 from torch import Tensor
+from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd.function import _SingleLevelFunction
 
 from . import _api
 
@@ -161,11 +163,12 @@ def _conv2d_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, scale: floa
 # The ops are registered with the low-level torch.library API rather than
 # torch.library.custom_op: custom_op's register_autograd is reverse mode only
 # (a dual tensor from torch.func.jvp or forward_ad passes through with a zero
-# tangent, and torch.func.grad refuses its autograd.Function).  Here each op's
-# Autograd kernel applies an autograd.Function with setup_context, backward
-# and jvp, so every torch.func transform composes with it, and a vmap rule
-# turns a vmapped dimension into a batch or channel-group dimension (one
-# launch, no loop).  torch.compile still sees one opaque op with a fake kernel.
+# tangent, and torch.func.grad refuses its autograd.Function).  Here each op
+# gets its own Autograd kernel recording backward and jvp formulas (see
+# _differentiable), so every torch.func transform composes with it, and a
+# vmap rule that turns a vmapped dimension into a batch or channel-group
+# dimension (one launch, no loop).  torch.compile still sees one opaque op
+# with a fake kernel.
 _LIB = torch.library.Library("invconv", "FRAGMENT")
 
 
@@ -212,8 +215,9 @@ def _image_vmap(op):
         image_dim, weight_dim = in_dims[:2]
         if weight_dim is None:      # one operator: the vmapped dimension joins the batch
             images = image.movedim(image_dim, 0)
-            out = op(images.reshape(-1, *images.shape[2:]), weight, corner, groups, unit_diagonal)
-            return out.reshape(images.shape), 0
+            n, B, C, H, W = images.shape
+            out = op(images.reshape(n * B, C, H, W), weight, corner, groups, unit_diagonal)
+            return out.reshape(n, B, C, H, W), 0
         # One operator per copy: a block-diagonal operator with n times the groups.
         n = info.batch_size
         B, C, H, W = _unbatched_shape(image, image_dim)
@@ -255,6 +259,7 @@ conv2d_weight_grad_op = _register(_conv2d_weight_grad, _like_weight, _weight_gra
 
 
 def _diagonal_mask(shape, corner, groups, device):
+    """Boolean tensor of a weight's shape: True on the same-pixel diagonal."""
     conv = _api.make_conv(tuple(shape), corner=corner, groups=groups, unit_diagonal=True)
     mask = np.zeros(tuple(shape), dtype=bool)
     u0, v0 = conv.same_pixel_tap
@@ -401,43 +406,41 @@ def _backward_weight_grad(ctx, grad_gw):
 
 def _jvp_weight_grad(ctx, grad_t, x_t, weight_t, *_):
     grad, x, weight = ctx.saved_tensors
-    terms = []
-    if grad_t is not None:
-        terms.append(conv2d_weight_grad_op(grad_t, x, weight, ctx.scale, *ctx.opts))
+    if grad_t is None and x_t is None:   # a weight tangent alone: the values are not read
+        return torch.zeros_like(weight)
+    out = None if grad_t is None else conv2d_weight_grad_op(grad_t, x, weight, ctx.scale,
+                                                            *ctx.opts)
     if x_t is not None:
-        terms.append(conv2d_weight_grad_op(grad, x_t, weight, ctx.scale, *ctx.opts))
-    return sum(terms[1:], terms[0]) if terms else torch.zeros_like(weight)
-
-
-@contextlib.contextmanager
-def _single_level_functions_allowed():
-    previous = torch._C._functorch.get_single_level_autograd_function_allowed()
-    torch._C._functorch.set_single_level_autograd_function_allowed(True)
-    try:
-        yield
-    finally:
-        torch._C._functorch.set_single_level_autograd_function_allowed(previous)
+        by_x = conv2d_weight_grad_op(grad, x_t, weight, ctx.scale, *ctx.opts)
+        out = by_x if out is None else out + by_x
+    return out
 
 
 def _differentiable(op, setup_context, backward, jvp):
-    """Give ``op`` an Autograd kernel: an autograd.Function with these formulas."""
+    """Give ``op`` an Autograd kernel that records these formulas.
+
+    The kernel applies a single-level autograd.Function directly, as a
+    built-in op's Autograd kernel records on the tensors of the level it runs
+    at; under torch.func transforms the functorch interpreters have already
+    brought the op to that level.  (``autograd.Function.apply`` would hand it
+    back to functorch, which cannot take it from inside a dispatcher kernel;
+    functorch's own autograd.Function support uses the same single-level
+    Function, hence the flag that allows it.)
+    """
     def forward(*args):
+        # Both grad modes are off here, so this call reaches the backend.
         return op(*args)
 
-    function = type(f"{op._opname}_function", (torch.autograd.Function,), {
+    function = type(f"{op._opname}_function", (_SingleLevelFunction,), {
         "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward), "jvp": staticmethod(jvp),
-        "generate_vmap_rule": True})
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
 
     def autograd_kernel(keyset, *args):
-        # autograd.Function.forward runs with both grad modes off, so the
-        # op called there goes straight to the backend kernel.  The
-        # single-level apply records on this level's tensors as a built-in
-        # op's Autograd kernel does, also inside torch.func transforms
-        # (Function.apply would re-enter functorch from here and fail).
+        # Forward mode is on by default, whatever the grad mode: only inside
+        # forward() above is there nothing to record.
         if torch.is_grad_enabled() or torch._C._is_fwd_grad_enabled():
-            with _single_level_functions_allowed():
-                return super(torch.autograd.Function, function).apply(*args)
+            with enable_single_level_autograd_function():
+                return function.apply(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
@@ -553,11 +556,9 @@ class _MaskedConvLayer(torch.nn.Module):
         if self.learn_diagonal:
             self.log_diag = torch.nn.Parameter(torch.zeros(channels, **factory))
             self.register_buffer("diag_sign", torch.ones(channels, **factory))
-            mask = np.zeros(conv.ignored_mask().shape, dtype=bool)
-            u0, v0 = conv.same_pixel_tap
-            c = np.arange(channels)
-            mask[c, c % conv.group_channels, u0, v0] = True
-            self.register_buffer("_diag_mask", torch.from_numpy(mask), persistent=False)
+            self.register_buffer("_diag_mask", _diagonal_mask(self.weight.shape, corner, groups,
+                                                              self.weight.device),
+                                 persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
