@@ -11,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.autograd.forward_ad as fwAD  # noqa: E402
 import invconv.torch as it  # noqa: E402
-from support import CORNERS, dense_operator, make_weight  # noqa: E402
+from invconv import _api  # noqa: E402
+from support import dense_operator, make_weight  # noqa: E402
 
 F64 = torch.float64
 C, H, W = 3, 3, 4
@@ -110,8 +111,8 @@ def test_ignored_weight_entries_of_a_tangent_never_reach_the_output():
     # the unit diagonal): the tangent is replaced there, never multiplied.
     for corner, groups, unit in CASES[:2]:
         w = _weight(corner, groups, unit)
-        conv = it._api.make_conv(tuple(w.shape), corner=corner, groups=groups,
-                                 unit_diagonal=unit)
+        conv = _api.make_conv(tuple(w.shape), corner=corner, groups=groups,
+                              unit_diagonal=unit)
         dw = _direction(w.shape, 5)
         dw_nan = dw.clone()
         dw_nan[torch.from_numpy(conv.ignored_mask())] = float("nan")
