@@ -37,17 +37,17 @@ def test_ops_agree_with_the_array_api():
 @pytest.mark.parametrize("name", ["conv2d_op", "inv_conv2d_op", "conv2d_adjoint_op",
                                   "inv_conv2d_adjoint_op"])
 def test_opcheck(name):
-    # The backward ops (adjoints) are not differentiable themselves, so only
-    # the forward ops are checked with inputs that require gradients.
-    differentiable = name in ("conv2d_op", "inv_conv2d_op")
-    w = _weight(3, 1, 3, "bottom-left", False).requires_grad_(differentiable)
-    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=differentiable)
+    # Every op is differentiable (the backward ops too), so all are checked
+    # with inputs that require gradients.
+    w = _weight(3, 1, 3, "bottom-left", False).requires_grad_()
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(getattr(it, name), (x, w, "bottom-left", 1, False))
 
 
 def test_opcheck_weight_grad():
     w = _weight(3, 3, 3, "top-left", True)
-    x, g = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(it.conv2d_weight_grad_op, (g, x, w, -1.0, "top-left", 3, True))
 
 
@@ -80,12 +80,16 @@ def test_bad_input_is_refused():
         it.inv_conv2d(torch.zeros(1, 2, 4, 4, dtype=torch.float64), zero, unit_diagonal=False)
 
 
-def test_double_backward_raises_clearly():
-    w = _weight(2, 1, 2, "top-left", True).requires_grad_()
+def test_double_backward_matches_the_dense_hessian():
+    # The Hessian of 0.5 |M^-1 x|^2 in x is M^-T M^-1.
+    w = _weight(2, 1, 2, "top-left", False)
     x = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(it.inv_conv2d(x, w).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
+    (g,) = torch.autograd.grad(0.5 * it.inv_conv2d(x, w, unit_diagonal=False).square().sum(), x,
+                               create_graph=True)
+    hessian = torch.stack([torch.autograd.grad(g.reshape(-1)[i], x, retain_graph=True)[0]
+                           for i in range(x.numel())]).reshape(x.numel(), x.numel())
+    Minv = np.linalg.inv(dense_operator(w.numpy(), 3, 3, "top-left", 1, False))
+    torch.testing.assert_close(hessian, torch.from_numpy(Minv.T @ Minv))
 
 
 # -- layers ----------------------------------------------------------------
@@ -178,3 +182,41 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(comp_loss, eager_loss)
     for a, b in zip(comp_grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(kernel_size=(3,)), ValueError, "kernel_size must be an int or a pair"),
+    (dict(kernel_size=(3, 3, 3)), ValueError, "kernel_size must be an int or a pair"),
+    (dict(kernel_size=0), ValueError, "kernel_size must be >= 1"),
+    (dict(kernel_size=(3, 0)), ValueError, r"kernel_size\[1\] must be >= 1"),
+    (dict(kernel_size=(3, 2.5)), TypeError, r"kernel_size\[1\] must be an integer"),
+    (dict(kernel_size=3.0), TypeError, "kernel_size must be an int"),
+    (dict(kernel_size="3"), TypeError, "kernel_size must be an int"),
+    (dict(kernel_size=True), TypeError, "kernel_size must be an int"),
+    (dict(channels=0), ValueError, "channels must be >= 1"),
+    (dict(channels=4.0), TypeError, "channels must be an integer"),
+    (dict(groups=0), ValueError, "groups must be >= 1"),
+    (dict(groups=3), ValueError, "channels=4 is not divisible by groups=3"),
+    (dict(groups=2.0), TypeError, "groups must be an integer"),
+    (dict(corner="centre"), ValueError, "corner must be one of"),
+    (dict(corner=None), ValueError, "corner must be one of"),
+    (dict(learn_diagonal="yes"), TypeError, "learn_diagonal must be a bool"),
+    (dict(init_std=-0.1), ValueError, "init_std must be finite and >= 0"),
+    (dict(init_std=float("nan")), ValueError, "init_std must be finite and >= 0"),
+    (dict(init_std="0.1"), TypeError, "init_std must be a real number"),
+])
+def test_layer_arguments_are_validated_by_name(cls, kwargs, error, match):
+    kwargs = dict(dict(channels=4), **kwargs)
+    with pytest.raises(error, match=match):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_layer_accepts_valid_argument_forms(cls):
+    for kernel_size, expected in [(3, (3, 3)), ((2, 3), (2, 3)), ([1, 4], (1, 4)),
+                                  (np.int64(2), (2, 2)), ((np.int32(3), 2), (3, 2))]:
+        layer = cls(np.int64(4), kernel_size, groups=2, init_std=0)
+        assert layer.kernel_size == expected and layer.channels == 4
+        assert layer.weight.shape == (4, 2, *expected)
+        assert torch.all(layer.weight == 0)  # init_std=0: exactly the identity

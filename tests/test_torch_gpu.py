@@ -56,6 +56,32 @@ def test_gradcheck_on_cuda():
     assert torch.autograd.gradcheck(lambda a, b: it.conv2d(a, b, **opts), (x, w))
 
 
+def test_forward_mode_and_vmap_on_cuda_agree_with_cpu():
+    # jvp along x and the weight (the unit diagonal's tangent masked on the
+    # device), jacrev (vmap of the backward ops) and vmap over weights
+    # (folded into channel groups).
+    dev = _cuda()
+    x, w, g = _problem(torch.float64, "top-right", 2, True, shape=(2, 4, 5, 4), k=2)
+    dw = torch.randn(w.shape, dtype=torch.float64)
+    ws = torch.stack([w, 2 * w, -w])
+    opts = dict(corner="top-right", groups=2, unit_diagonal=True)
+
+    def transforms(x, w, g, dw, ws):
+        out = []
+        for op in (it.conv2d, it.inv_conv2d):
+            f = lambda a, b: op(a, b, **opts)  # noqa: E731
+            out.append(torch.func.jvp(f, (x, w), (g, dw))[1])
+            out.append(torch.func.jacrev(f, argnums=1)(x[:1], w))
+            out.append(torch.func.vmap(f, in_dims=(None, 0))(x, ws))
+        return out
+
+    cpu = transforms(x, w, g, dw, ws)
+    gpu = transforms(*(t.to(dev) for t in (x, w, g, dw, ws)))
+    for a, b in zip(gpu, cpu):
+        assert a.is_cuda
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9)
+
+
 def test_non_default_stream_gives_the_same_results():
     dev = _cuda()
     x, w, g = (t.to(dev) for t in _problem(torch.float32))

@@ -1,18 +1,22 @@
 """PyTorch adapters: differentiable ops and the flow layers.
 
 Functional ops ``conv2d`` and ``inv_conv2d`` take the same options as the
-array API (``corner``, ``groups``, ``unit_diagonal``) and are registered with
-:func:`torch.library.custom_op` in the ``invconv::`` namespace, with fake
-(meta) kernels so ``torch.compile`` traces them, and autograd formulas whose
-backward launches are custom ops themselves:
+array API (``corner``, ``groups``, ``unit_diagonal``) and are PyTorch
+operators in the ``invconv::`` namespace, with fake (meta) kernels so
+``torch.compile(fullgraph=True)`` traces them:
 
 - ``invconv::conv2d`` / ``invconv::inv_conv2d``: ``M x`` and ``M^-1 y``;
 - ``invconv::conv2d_adjoint`` / ``invconv::inv_conv2d_adjoint``: ``M^T g`` and ``M^-T g``;
 - ``invconv::conv2d_weight_grad``: the weight gradient shared by both.
 
-Only the gradients that are needed are computed (a frozen weight costs no
-weight-gradient launch). Double backward is not supported: differentiating
-the backward ops raises an error from PyTorch.
+All five are differentiable in both modes, and each derivative is one of the
+five again (``M`` is linear in ``x`` and in ``W``), so every transform
+composes: backward (only the gradients that are needed: a frozen weight costs
+no weight-gradient launch), double backward and Hessians, forward mode
+(``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``),
+``torch.func.grad``/``jacrev``/``vjp``, and ``vmap``.  A vmapped image
+dimension joins the batch and a vmapped weight becomes extra channel groups,
+so a vmapped call is one launch, not a loop.
 
 CPU tensors go through the SciPy reference; CUDA tensors go to the CuPy
 kernels through DLPack without copies, on ``torch.cuda.current_stream()``,
@@ -27,10 +31,14 @@ Layers follow the nflows/zuko convention: both directions return
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd.function import _SingleLevelFunction
 
 from . import _api
 
@@ -152,9 +160,26 @@ def _conv2d_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, scale: floa
                 unit_diagonal, scale)
 
 
-def _register(fn, fake):
-    op = torch.library.custom_op(f"invconv::{fn.__name__.lstrip('_')}", mutates_args=())(fn)
-    op.register_fake(fake)
+# The ops are registered with the low-level torch.library API rather than
+# torch.library.custom_op: custom_op's register_autograd is reverse mode only
+# (a dual tensor from torch.func.jvp or forward_ad passes through with a zero
+# tangent, and torch.func.grad refuses its autograd.Function).  Here each op
+# gets its own Autograd kernel recording backward and jvp formulas (see
+# _differentiable), so every torch.func transform composes with it, and a
+# vmap rule that turns a vmapped dimension into a batch or channel-group
+# dimension (one launch, no loop).  torch.compile still sees one opaque op
+# with a fake kernel.
+_LIB = torch.library.Library("invconv", "FRAGMENT")
+
+
+def _register(fn, fake, vmap_rule):
+    name = fn.__name__.lstrip("_")
+    _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()),
+                tags=(torch.Tag.pt2_compliant_tag,))
+    _LIB.impl(name, fn, "CompositeExplicitAutograd")
+    op = getattr(torch.ops.invconv, name).default
+    torch.library.register_fake(op, fake, lib=_LIB)
+    torch.library.register_vmap(op, vmap_rule(op), lib=_LIB)
     return op
 
 
@@ -166,16 +191,100 @@ def _like_weight(grad_out, x, weight, *rest):
     return torch.empty_like(weight)
 
 
-conv2d_op = _register(_conv2d, _like_first)
-inv_conv2d_op = _register(_inv_conv2d, _like_first)
-conv2d_adjoint_op = _register(_conv2d_adjoint, _like_first)
-inv_conv2d_adjoint_op = _register(_inv_conv2d_adjoint, _like_first)
-conv2d_weight_grad_op = _register(_conv2d_weight_grad, _like_weight)
+def _unbatched_shape(t, bdim):
+    return t.shape if bdim is None else t.shape[:bdim] + t.shape[bdim + 1:]
 
 
+def _stack_images(images, bdim, n):
+    """vmapped (n, B, C, H, W) -> (B, n*C, H, W): copy i of the map becomes channel block i."""
+    B, C, H, W = _unbatched_shape(images, bdim)
+    images = images.expand(n, B, C, H, W) if bdim is None else images.movedim(bdim, 0)
+    return images.transpose(0, 1).reshape(B, n * C, H, W)
+
+
+def _stack_weights(weight, bdim, n):
+    """vmapped (n, C, C_g, kh, kw) -> (n*C, C_g, kh, kw): n independent channel groups."""
+    shape = _unbatched_shape(weight, bdim)
+    weight = weight.expand(n, *shape) if bdim is None else weight.movedim(bdim, 0)
+    return weight.reshape(n * shape[0], *shape[1:])
+
+
+def _image_vmap(op):
+    """vmap rule of an op ``(image, weight, corner, groups, unit_diagonal) -> image``."""
+    def rule(info, in_dims, image, weight, corner, groups, unit_diagonal):
+        image_dim, weight_dim = in_dims[:2]
+        if weight_dim is None:      # one operator: the vmapped dimension joins the batch
+            images = image.movedim(image_dim, 0)
+            n, B, C, H, W = images.shape
+            out = op(images.reshape(n * B, C, H, W), weight, corner, groups, unit_diagonal)
+            return out.reshape(n, B, C, H, W), 0
+        # One operator per copy: a block-diagonal operator with n times the groups.
+        n = info.batch_size
+        B, C, H, W = _unbatched_shape(image, image_dim)
+        out = op(_stack_images(image, image_dim, n), _stack_weights(weight, weight_dim, n),
+                 corner, groups * n, unit_diagonal)
+        return out.reshape(B, n, C, H, W), 1
+    return rule
+
+
+def _weight_grad_vmap(op):
+    def rule(info, in_dims, grad_out, x, weight, scale, corner, groups, unit_diagonal):
+        grad_dim, x_dim, weight_dim = in_dims[:3]
+        if grad_dim is None and x_dim is None:  # the weight's values are not read
+            return op(grad_out, x, weight.select(weight_dim, 0), scale, corner, groups,
+                      unit_diagonal), None
+        n = info.batch_size
+        shape = _unbatched_shape(weight, weight_dim)
+        out = op(_stack_images(grad_out, grad_dim, n), _stack_images(x, x_dim, n),
+                 _stack_weights(weight, weight_dim, n), scale, corner, groups * n, unit_diagonal)
+        return out.reshape(n, *shape), 0
+    return rule
+
+
+conv2d_op = _register(_conv2d, _like_first, _image_vmap)
+inv_conv2d_op = _register(_inv_conv2d, _like_first, _image_vmap)
+conv2d_adjoint_op = _register(_conv2d_adjoint, _like_first, _image_vmap)
+inv_conv2d_adjoint_op = _register(_inv_conv2d_adjoint, _like_first, _image_vmap)
+conv2d_weight_grad_op = _register(_conv2d_weight_grad, _like_weight, _weight_grad_vmap)
+
+
+# --------------------------------------------------------------------------
+# derivatives
+#
+# M(W) is linear in W as well as in x.  Its derivative along a weight
+# direction dW is M'(dW): the masked convolution with dW whose ignored entries
+# are zero -- including the diagonal when unit_diagonal=True, since a constant
+# 1 has no tangent.  So every formula below is one of the five ops again, and
+# derivatives of derivatives (Hessians, forward-over-reverse) work too.
+
+
+def _diagonal_mask(shape, corner, groups, device):
+    """Boolean tensor of a weight's shape: True on the same-pixel diagonal."""
+    conv = _api.make_conv(tuple(shape), corner=corner, groups=groups, unit_diagonal=True)
+    mask = np.zeros(tuple(shape), dtype=bool)
+    u0, v0 = conv.same_pixel_tap
+    c = np.arange(conv.channels)
+    mask[c, c % conv.group_channels, u0, v0] = True
+    return torch.from_numpy(mask).to(device)
+
+
+def _linear_part(op, image, weight_direction, corner, groups, unit_diagonal):
+    """``op`` (conv2d or its adjoint) with M'(dW) in place of M(W)."""
+    if unit_diagonal:
+        mask = _diagonal_mask(weight_direction.shape, corner, groups, weight_direction.device)
+        weight_direction = weight_direction.masked_fill(mask, 0)
+    return op(image, weight_direction, corner, groups, False)
+
+
+def _save(ctx, *tensors):
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+
+
+# y = M x
 def _setup_conv2d(ctx, inputs, output):
     x, weight, *opts = inputs
-    ctx.save_for_backward(x, weight)
+    _save(ctx, x, weight)
     ctx.opts = opts
 
 
@@ -187,9 +296,20 @@ def _backward_conv2d(ctx, grad):
     return grad_x, grad_w, None, None, None
 
 
+def _jvp_conv2d(ctx, x_t, weight_t, *_):
+    # d(M x) = M dx + M'(dW) x
+    x, weight = ctx.saved_tensors
+    out = None if x_t is None else conv2d_op(x_t, weight, *ctx.opts)
+    if weight_t is not None:
+        by_weight = _linear_part(conv2d_op, x, weight_t, *ctx.opts)
+        out = by_weight if out is None else out + by_weight
+    return out
+
+
+# x = M^-1 y
 def _setup_inv_conv2d(ctx, inputs, output):
     _, weight, *opts = inputs
-    ctx.save_for_backward(output, weight)   # the weight gradient needs x = M^-1 y
+    _save(ctx, output, weight)   # the weight derivatives need x = M^-1 y
     ctx.opts = opts
 
 
@@ -203,8 +323,138 @@ def _backward_inv_conv2d(ctx, grad):
     return (grad_y if ctx.needs_input_grad[0] else None), grad_w, None, None, None
 
 
-conv2d_op.register_autograd(_backward_conv2d, setup_context=_setup_conv2d)
-inv_conv2d_op.register_autograd(_backward_inv_conv2d, setup_context=_setup_inv_conv2d)
+def _jvp_inv_conv2d(ctx, y_t, weight_t, *_):
+    # M x = y gives M dx = dy - M'(dW) x: one more solve.
+    x, weight = ctx.saved_tensors
+    rhs = y_t
+    if weight_t is not None:
+        by_weight = _linear_part(conv2d_op, x, weight_t, *ctx.opts)
+        rhs = -by_weight if rhs is None else rhs - by_weight
+    return inv_conv2d_op(rhs, weight, *ctx.opts)
+
+
+# h = M^T g
+def _setup_conv2d_adjoint(ctx, inputs, output):
+    grad, weight, *opts = inputs
+    _save(ctx, grad, weight)
+    ctx.opts = opts
+
+
+def _backward_conv2d_adjoint(ctx, grad_h):
+    # <G, M^T g> = <g, M G>
+    grad, weight = ctx.saved_tensors
+    grad_g = conv2d_op(grad_h, weight, *ctx.opts) if ctx.needs_input_grad[0] else None
+    grad_w = (conv2d_weight_grad_op(grad, grad_h, weight, 1.0, *ctx.opts)
+              if ctx.needs_input_grad[1] else None)
+    return grad_g, grad_w, None, None, None
+
+
+def _jvp_conv2d_adjoint(ctx, grad_t, weight_t, *_):
+    grad, weight = ctx.saved_tensors
+    out = None if grad_t is None else conv2d_adjoint_op(grad_t, weight, *ctx.opts)
+    if weight_t is not None:
+        by_weight = _linear_part(conv2d_adjoint_op, grad, weight_t, *ctx.opts)
+        out = by_weight if out is None else out + by_weight
+    return out
+
+
+# h = M^-T g
+def _setup_inv_conv2d_adjoint(ctx, inputs, output):
+    _, weight, *opts = inputs
+    _save(ctx, output, weight)
+    ctx.opts = opts
+
+
+def _backward_inv_conv2d_adjoint(ctx, grad_h):
+    # <G, dh> = -<M^-1 G, dM^T h> = -<h, dM u> with u = M^-1 G
+    h, weight = ctx.saved_tensors
+    if not any(ctx.needs_input_grad[:2]):
+        return None, None, None, None, None
+    u = inv_conv2d_op(grad_h, weight, *ctx.opts)
+    grad_w = (conv2d_weight_grad_op(h, u, weight, -1.0, *ctx.opts)
+              if ctx.needs_input_grad[1] else None)
+    return (u if ctx.needs_input_grad[0] else None), grad_w, None, None, None
+
+
+def _jvp_inv_conv2d_adjoint(ctx, grad_t, weight_t, *_):
+    # M^T h = g gives M^T dh = dg - M'(dW)^T h.
+    h, weight = ctx.saved_tensors
+    rhs = grad_t
+    if weight_t is not None:
+        by_weight = _linear_part(conv2d_adjoint_op, h, weight_t, *ctx.opts)
+        rhs = -by_weight if rhs is None else rhs - by_weight
+    return inv_conv2d_adjoint_op(rhs, weight, *ctx.opts)
+
+
+# G_W = scale * d<g, M x>/dW: bilinear in (g, x); reads only the weight's shape.
+def _setup_weight_grad(ctx, inputs, output):
+    grad, x, weight, scale, *opts = inputs
+    _save(ctx, grad, x, weight)
+    ctx.scale, ctx.opts = scale, opts
+
+
+def _backward_weight_grad(ctx, grad_gw):
+    # <Gw, G_W> = scale * <g, M'(Gw) x>
+    grad, x, weight = ctx.saved_tensors
+    grad_g = grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_g = ctx.scale * _linear_part(conv2d_op, x, grad_gw, *ctx.opts)
+    if ctx.needs_input_grad[1]:
+        grad_x = ctx.scale * _linear_part(conv2d_adjoint_op, grad, grad_gw, *ctx.opts)
+    return grad_g, grad_x, None, None, None, None, None
+
+
+def _jvp_weight_grad(ctx, grad_t, x_t, weight_t, *_):
+    grad, x, weight = ctx.saved_tensors
+    if grad_t is None and x_t is None:   # a weight tangent alone: the values are not read
+        return torch.zeros_like(weight)
+    out = None if grad_t is None else conv2d_weight_grad_op(grad_t, x, weight, ctx.scale,
+                                                            *ctx.opts)
+    if x_t is not None:
+        by_x = conv2d_weight_grad_op(grad, x_t, weight, ctx.scale, *ctx.opts)
+        out = by_x if out is None else out + by_x
+    return out
+
+
+def _differentiable(op, setup_context, backward, jvp):
+    """Give ``op`` an Autograd kernel that records these formulas.
+
+    The kernel applies a single-level autograd.Function directly, as a
+    built-in op's Autograd kernel records on the tensors of the level it runs
+    at; under torch.func transforms the functorch interpreters have already
+    brought the op to that level.  (``autograd.Function.apply`` would hand it
+    back to functorch, which cannot take it from inside a dispatcher kernel;
+    functorch's own autograd.Function support uses the same single-level
+    Function, hence the flag that allows it.)
+    """
+    def forward(*args):
+        # Both grad modes are off here, so this call reaches the backend.
+        return op(*args)
+
+    function = type(f"{op._opname}_function", (_SingleLevelFunction,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
+
+    def autograd_kernel(keyset, *args):
+        # Forward mode is on by default, whatever the grad mode: only inside
+        # forward() above is there nothing to record.
+        if torch.is_grad_enabled() or torch._C._is_fwd_grad_enabled():
+            with enable_single_level_autograd_function():
+                return function.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    _LIB.impl(op._opname, autograd_kernel, "Autograd", with_keyset=True)
+
+
+_differentiable(conv2d_op, _setup_conv2d, _backward_conv2d, _jvp_conv2d)
+_differentiable(inv_conv2d_op, _setup_inv_conv2d, _backward_inv_conv2d, _jvp_inv_conv2d)
+_differentiable(conv2d_adjoint_op, _setup_conv2d_adjoint, _backward_conv2d_adjoint,
+                _jvp_conv2d_adjoint)
+_differentiable(inv_conv2d_adjoint_op, _setup_inv_conv2d_adjoint,
+                _backward_inv_conv2d_adjoint, _jvp_inv_conv2d_adjoint)
+_differentiable(conv2d_weight_grad_op, _setup_weight_grad, _backward_weight_grad,
+                _jvp_weight_grad)
 
 
 def _check_options(x, weight, corner, groups, unit_diagonal):
@@ -246,6 +496,38 @@ def inv_conv2d(y: Tensor, weight: Tensor, *, corner: str = "top-left", groups: i
 # layers
 
 
+def _check_layer_arguments(channels, kernel_size, corner, groups, learn_diagonal, init_std):
+    """Validate a layer's constructor arguments, naming the one at fault.
+
+    Returns ``(channels, (kh, kw), groups, init_std)`` as Python numbers.
+    """
+    channels = _api._check_int(channels, "channels", 1)
+    if isinstance(kernel_size, (tuple, list)):
+        if len(kernel_size) != 2:
+            raise ValueError(f"kernel_size must be an int or a pair (kh, kw), got "
+                             f"{tuple(kernel_size)!r} of length {len(kernel_size)}")
+        kernel = tuple(_api._check_int(k, f"kernel_size[{i}]", 1)
+                       for i, k in enumerate(kernel_size))
+    elif isinstance(kernel_size, numbers.Integral) and not isinstance(kernel_size, bool):
+        k = _api._check_int(kernel_size, "kernel_size", 1)
+        kernel = (k, k)
+    else:
+        raise TypeError(f"kernel_size must be an int or a pair (kh, kw) of ints, got "
+                        f"{type(kernel_size).__name__}")
+    if not isinstance(corner, str) or corner not in _api.CORNERS:
+        raise ValueError(f"corner must be one of {_api.CORNERS}, got {corner!r}")
+    groups = _api._check_int(groups, "groups", 1)
+    if channels % groups:
+        raise ValueError(f"channels={channels} is not divisible by groups={groups}")
+    if not isinstance(learn_diagonal, (bool, np.bool_)):
+        raise TypeError(f"learn_diagonal must be a bool, got {type(learn_diagonal).__name__}")
+    if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real):
+        raise TypeError(f"init_std must be a real number, got {type(init_std).__name__}")
+    if not (math.isfinite(init_std) and init_std >= 0):
+        raise ValueError(f"init_std must be finite and >= 0, got {init_std}")
+    return channels, kernel, groups, float(init_std)
+
+
 class _MaskedConvLayer(torch.nn.Module):
     """Shared parameters of :class:`InvConv2d` and :class:`MaskedConv2d`.
 
@@ -262,11 +544,10 @@ class _MaskedConvLayer(torch.nn.Module):
     def __init__(self, channels, kernel_size=3, *, corner="top-left", groups=1,
                  learn_diagonal=False, init_std=0.01, dtype=None, device=None):
         super().__init__()
-        kh, kw = ((kernel_size, kernel_size) if isinstance(kernel_size, int)
-                  else tuple(kernel_size))
-        conv = _api.make_conv((channels, channels // groups if groups else 0, kh, kw),
-                              corner=corner, groups=groups,
-                              unit_diagonal=not learn_diagonal)
+        channels, (kh, kw), groups, init_std = _check_layer_arguments(
+            channels, kernel_size, corner, groups, learn_diagonal, init_std)
+        conv = _api.make_conv((channels, channels // groups, kh, kw), corner=corner,
+                              groups=groups, unit_diagonal=not learn_diagonal)
         self.conv = conv
         self.channels, self.kernel_size, self.corner, self.groups = channels, (kh, kw), corner, groups
         self.learn_diagonal, self.init_std = bool(learn_diagonal), float(init_std)
@@ -275,11 +556,9 @@ class _MaskedConvLayer(torch.nn.Module):
         if self.learn_diagonal:
             self.log_diag = torch.nn.Parameter(torch.zeros(channels, **factory))
             self.register_buffer("diag_sign", torch.ones(channels, **factory))
-            mask = np.zeros(conv.ignored_mask().shape, dtype=bool)
-            u0, v0 = conv.same_pixel_tap
-            c = np.arange(channels)
-            mask[c, c % conv.group_channels, u0, v0] = True
-            self.register_buffer("_diag_mask", torch.from_numpy(mask), persistent=False)
+            self.register_buffer("_diag_mask", _diagonal_mask(self.weight.shape, corner, groups,
+                                                              self.weight.device),
+                                 persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
