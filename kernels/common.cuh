@@ -116,11 +116,17 @@ __device__ __forceinline__ void ic_masked_conv(const T* __restrict__ in, const T
                 const int sw = ADJ ? col + s.cs * dv : col - s.cs * dv;
                 if (sw < 0 || sw >= s.W) continue;
                 const T* ip = ing + (long long)sh * s.W + sw;
-                if (du == 0 && dv == 0) {  // the masked same-pixel tap
-                    for (int m = 0; m < s.cg; ++m) {
+                if (du == 0 && dv == 0) {
+                    // The same-pixel block is lower-triangular: own channel c
+                    // reads m <= c (forward) or m >= c (adjoint) and nothing
+                    // else, not even times 0, so a NaN or Inf in an ignored
+                    // position's input reaches no output.
+                    const int mlo = ADJ ? c0 : 0;
+                    const int mhi = ADJ ? s.cg : (c0 + CH < s.cg ? c0 + CH : s.cg);
+                    for (int m = mlo; m < mhi; ++m) {
                         const T v = ip[m * hw];
                         for (int j = 0; j < CH; ++j)
-                            if (c0 + j < s.cg)
+                            if (c0 + j < s.cg && (ADJ ? m >= c0 + j : m <= c0 + j))
                                 acc[j] += (ADJ ? ic_weight(w, s, gbase + m, c0 + j, 0, 0)
                                                : ic_weight(w, s, own0 + j, m, 0, 0)) * v;
                     }

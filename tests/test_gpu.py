@@ -81,6 +81,22 @@ def test_stream_and_noncontiguous_inputs_give_the_same_results():
     cupy.testing.assert_array_equal(y, expected["inv"])
 
 
+@pytest.mark.parametrize("op", ["conv2d", "inv_conv2d", "conv2d_vjp", "inv_conv2d_vjp"])
+@pytest.mark.parametrize("groups, unit_diagonal", [(1, True), (2, False)])
+def test_nonfinite_reaches_exactly_its_dependents(op, groups, unit_diagonal):
+    # tests/test_nonfinite.py's check on the CUDA kernels: a NaN or Inf in an
+    # input reaches exactly the outputs that depend on it (no 0 * NaN).
+    cupy = pytest.importorskip("cupy")
+    from test_nonfinite import check_nonfinite_reach
+
+    def run(op, args, opts):
+        out = getattr(invconv, op)(*map(cupy.asarray, args), **opts)
+        return tuple(map(cupy.asnumpy, out)) if isinstance(out, tuple) else cupy.asnumpy(out)
+    for value in (np.nan, np.inf):
+        for corner in CORNERS:
+            check_nonfinite_reach(run, op, value, corner, groups, unit_diagonal, np.float32)
+
+
 def test_torch_cuda_tensors_come_back_as_cupy():
     cupy = pytest.importorskip("cupy")
     torch = pytest.importorskip("torch")

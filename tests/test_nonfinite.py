@@ -14,10 +14,10 @@ import pytest
 import invconv
 from support import CORNERS, make_weight, nonfinite_reach, pads, structure
 
-# Backends held to this.  The kernels multiply ignored taps by the input
-# (0 * NaN); "emulator" joins once they do not (the CUDA run lives in the
-# GPU tests).
-BACKENDS = ["reference"]
+# Backends held to this: the kernels skip ignored taps rather than multiply
+# them by the input (0 * NaN). The CUDA run lives in the GPU tests
+# (tests/test_gpu.py), through check_nonfinite_reach.
+BACKENDS = ["reference", "emulator"]
 
 SHAPE = (2, 4, 4, 5)           # B, C, H, W: two groups of two channels with groups=2
 ARGUMENTS = {"conv2d": ["x"], "inv_conv2d": ["y"], "conv2d_vjp": ["grad_y", "x"],
@@ -60,11 +60,19 @@ def cached_structure(weight_shape, corner, groups, unit_diagonal):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nonfinite_reaches_exactly_its_dependents(backend, op, value, corner, groups,
                                                    unit_diagonal, dtype):
+    def run(op, args, opts):
+        return getattr(invconv, op)(*args, backend=backend, **opts)
+    check_nonfinite_reach(run, op, value, corner, groups, unit_diagonal, dtype)
+
+
+def check_nonfinite_reach(run, op, value, corner, groups, unit_diagonal, dtype):
+    """The check of the test above for any runner: ``run(op, args, options)``
+    returns the op's outputs (NumPy arrays, or anything np.isfinite takes)."""
     B, C, H, W = SHAPE
     rng = np.random.default_rng(13)
     # NaN in the ignored entries too: they must never be read.
     weight = make_weight(rng, C, groups, 2, 3, corner, unit_diagonal, dtype, junk=np.nan)
-    opts = dict(corner=corner, groups=groups, unit_diagonal=unit_diagonal, backend=backend)
+    opts = dict(corner=corner, groups=groups, unit_diagonal=unit_diagonal)
     struct = cached_structure(weight.shape, corner, groups, unit_diagonal)
     inputs = {name: rng.standard_normal(SHAPE).astype(dtype) for name in ARGUMENTS[op]}
     cases = [(name, (b, c, h, w), (b, np.ravel_multi_index((c, h, w), (C, H, W))))
@@ -75,7 +83,7 @@ def test_nonfinite_reaches_exactly_its_dependents(backend, op, value, corner, gr
         given = dict(inputs, weight=weight)
         given[argument] = given[argument].copy()
         given[argument][where] = value
-        outputs = getattr(invconv, op)(*given.values(), **opts)
+        outputs = run(op, tuple(given.values()), opts)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         expected = nonfinite_reach(op, argument, entry, SHAPE, weight.shape, struct)
         assert any(reach.any() for reach in expected)  # every input matters somewhere
