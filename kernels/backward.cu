@@ -2,7 +2,7 @@
 // shared by both vector-Jacobian products.
 //
 // Arrays are contiguous (B, C, H, W); weight is contiguous (C, C/G, kh, kw).
-// Shape arguments as in forward.cu (see ConvShape in common.cuh).
+// Shape and launch choices as one IcParams, as in forward.cu (see common.cuh).
 #include "common.cuh"
 
 // grad_x[b, i, h, w] = sum_{ol, du, dv} W_eff[g*cg + ol, il, du, dv] * g[b, g*cg + ol, h + rs*du, w + cs*dv]
@@ -10,9 +10,8 @@
 // CH input channels a thread (see ic_masked_conv in common.cuh).
 template <typename T, int CH>
 __global__ void masked_conv_adjoint(const T* __restrict__ g, const T* __restrict__ w,
-                                    T* __restrict__ gx, int B, int C, int H, int W, int G,
-                                    int kh, int kw, int rs, int cs, int unit) {
-    ic_masked_conv<T, CH, true>(g, w, gx, ConvShape(B, C, H, W, G, kh, kw, rs, cs, unit));
+                                    T* __restrict__ gx, const IcParams p) {
+    ic_masked_conv<T, CH, true>(g, w, gx, p);
 }
 
 // grad_y = M^-T grad_x = L^-T (I + N'^T)^-1 grad_x, with the scratch of
@@ -21,36 +20,22 @@ __global__ void masked_conv_adjoint(const T* __restrict__ g, const T* __restrict
 // then grad_y_q = L^-T g_hat_q. Shared memory as in inv_conv_solve.
 template <typename T>
 __global__ void inv_conv_solve_adjoint(const T* __restrict__ gx, const T* __restrict__ prep,
-                                       T* __restrict__ gy, int B, int C, int H, int W, int G,
-                                       int kh, int kw, int rs, int cs, int unit,
-                                       int kp_in_smem, int slice_in_smem) {
-    const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
+                                       T* __restrict__ gy, const IcParams p) {
     IC_DYNAMIC_SHARED(T, smem);
-    const int g = blockIdx.x % G;
-    const int cg = s.cg;
-    const long long hw = s.hw();
-    const long long slice_offset = (long long)blockIdx.x * cg * hw;
-    const long long nkp = (long long)kh * kw * cg * cg;
-
-    const T* kp = prep + ic_prep_slot(s, g, 0);
-    if (kp_in_smem) {
-        for (long long e = threadIdx.x; e < nkp; e += blockDim.x) smem[e] = kp[e];
-        kp = smem;
-    }
-    T* work = slice_in_smem ? smem + (kp_in_smem ? nkp : 0) : gy + slice_offset;
+    const IcSolveSlice<T> s = ic_solve_begin(prep, gy, smem, p);
+    const T* kp = s.kp;
+    T* work = s.work;
+    const int cg = p.cg, kh = p.kh, kw = p.kw, H = p.H, W = p.W;
+    const long long hw = p.hw();
     for (long long e = threadIdx.x; e < cg * hw; e += blockDim.x)
-        work[e] = gx[slice_offset + e];
+        work[e] = gx[s.offset + e];
     __syncthreads();
 
+    const IcLanes lanes = ic_lanes(p);
     for (int d = H + W - 2; d >= 0; --d) {
-        const int rmin = s.diag_first(d);
-        const int npix = s.diag_length(d);
-        for (int e = threadIdx.x; e < npix * cg; e += blockDim.x) {
-            const int i = e / npix;
-            const int r = rmin + e % npix;
-            const int c = d - r;
-            const int h = s.image_row(r);
-            const int col = s.image_col(c);
+        ic_for_diagonal(p, lanes, d, [&](int i, int r, int c) {
+            const int h = p.image_row(r);
+            const int col = p.image_col(c);
             const long long idx = i * hw + (long long)h * W + col;
             T acc = work[idx];
             const int dumax = H - 1 - r < kh - 1 ? H - 1 - r : kh - 1;
@@ -58,26 +43,36 @@ __global__ void inv_conv_solve_adjoint(const T* __restrict__ gx, const T* __rest
             for (int du = 0; du <= dumax; ++du) {
                 for (int dv = du == 0 ? 1 : 0; dv <= dvmax; ++dv) {
                     const T* k = kp + (du * kw + dv) * cg * cg + i;  // column i of K'_off
-                    const T* src = work + (long long)(h + rs * du) * W + (col + cs * dv);
+                    const T* src = work + (long long)(h + p.rs * du) * W + (col + p.cs * dv);
                     for (int o = 0; o < cg; ++o) acc -= k[o * cg] * src[o * hw];
                 }
             }
             work[idx] = acc;
-        }
+        });
         __syncthreads();
     }
 
     // grad_y_q[i] = sum_{o >= i} L^-1[o, i] g_hat_q[o], one thread per pixel.
     // Ascending i reads only g_hat entries not yet overwritten, so this is
     // safe in place (work == gy) as well as from shared memory.
-    T* out = gy + slice_offset;
-    for (long long p = threadIdx.x; p < hw; p += blockDim.x) {
+    T* out = gy + s.offset;
+    for (long long q = threadIdx.x; q < hw; q += blockDim.x) {
         for (int i = 0; i < cg; ++i) {
             T acc = T(0);
-            for (int o = i; o < cg; ++o) acc += kp[o * cg + i] * work[o * hw + p];
-            out[i * hw + p] = acc;
+            for (int o = i; o < cg; ++o) acc += kp[o * cg + i] * work[o * hw + q];
+            out[i * hw + q] = acc;
         }
     }
+}
+
+// grad_y = M^-T grad_x with several blocks per slice (schedule "tiled"): see
+// ic_solve_tiled in common.cuh. ghat: scratch of grad_x's shape for the values
+// finished tiles pass on; flags: 1 + B*G*tiles_h*tiles_w zeros.
+template <typename T>
+__global__ void inv_conv_solve_adjoint_tiled(const T* __restrict__ gx,
+                                             const T* __restrict__ prep, T* gy, T* ghat,
+                                             int* flags, const IcParams p) {
+    ic_solve_tiled<T, true>(gx, prep, gy, ghat, flags, p);
 }
 
 // Weight gradient, stage 1 of 2: block (pair, split) with pair = o*cg + il
@@ -87,9 +82,8 @@ __global__ void inv_conv_solve_adjoint(const T* __restrict__ gx, const T* __rest
 #define IC_WG_TAPS 9
 template <typename T>
 __global__ void conv_weight_grad_partial(const T* __restrict__ gout, const T* __restrict__ x,
-                                         T* __restrict__ partial, int B, int C, int H, int W,
-                                         int G, int kh, int kw, int rs, int cs, int unit) {
-    const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
+                                         T* __restrict__ partial, const IcParams s) {
+    const int B = s.B, C = s.C, H = s.H, W = s.W, kh = s.kh, kw = s.kw, rs = s.rs, cs = s.cs;
     IC_DYNAMIC_SHARED(T, red);  // blockDim.x * IC_WG_TAPS partial sums
     const int pair = blockIdx.x;
     const int o = pair / s.cg, il = pair % s.cg;
@@ -151,9 +145,8 @@ __global__ void conv_weight_grad_partial(const T* __restrict__ gout, const T* __
 // splits, exactly 0 at ignored entries; one thread per weight entry.
 template <typename T>
 __global__ void conv_weight_grad_combine(const T* __restrict__ partial, T* __restrict__ gw,
-                                         int nsplit, T scale, int C, int G, int kh, int kw,
-                                         int rs, int cs, int unit) {
-    const ConvShape s(1, C, 1, 1, G, kh, kw, rs, cs, unit);
+                                         T scale, const IcParams s) {
+    const int C = s.C, kh = s.kh, kw = s.kw, nsplit = s.nsplit;
     const int ntaps = kh * kw;
     const long long n = (long long)C * s.cg * ntaps;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;

@@ -7,13 +7,14 @@ instead of shared memory, and the weight gradient splits its reduction, and
 checks that launch counts do not grow with the image.
 """
 import contextlib
+import re
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import invconv
-from support import assert_close
+from support import assert_close, make_weight
 from test_properties import problems, setup
 
 _emulated = pytest.importorskip("invconv._emulated")
@@ -95,15 +96,83 @@ def counting_launches():
         ops.module_for = original
 
 
+def test_kernel_params_mirror_the_struct():
+    # kernel_params() builds IcParams byte for byte: the same int members in
+    # the same order as common.cuh declares them.
+    from invconv._kernels import PARAM_FIELDS, PARAMS_DTYPE, kernel_dir
+    source = (kernel_dir() / "common.cuh").read_text()
+    body = re.search(r"struct IcParams \{(.*?)\n\s*//", source, re.S).group(1)
+    declared = [name.strip() for line in re.findall(r"^\s*int ([^;]*);", body, re.M)
+                for name in line.split(",")]
+    assert tuple(declared) == PARAM_FIELDS
+    assert PARAMS_DTYPE.itemsize == 4 * len(PARAM_FIELDS)
+
+
+# Shapes for the other schedules: sides of 1 and 2, odd sides, tiles that
+# straddle the image's edge, kernels taller or wider than a tile.
+SCHEDULE_SHAPES = [  # (B, C, groups, H, W, kh, kw)
+    (2, 3, 1, 5, 7, 3, 2), (1, 4, 2, 9, 4, 2, 3), (3, 2, 2, 1, 6, 3, 3),
+    (1, 1, 1, 7, 1, 1, 2), (2, 3, 3, 6, 6, 3, 3), (1, 5, 1, 2, 3, 2, 2),
+]
+SCHEDULE_LIMITS = {
+    "default": {},
+    "block-7": dict(block=7, max_block=7),
+    # tiled: the K' table in global memory (a 2x3 tile fits, the table not);
+    # untiled: the slice in global memory
+    "small-smem": dict(block=33, max_block=33, smem_bytes=400),
+}
+
+
+@pytest.mark.parametrize("limits", SCHEDULE_LIMITS.values(), ids=SCHEDULE_LIMITS.keys())
+@pytest.mark.parametrize("schedule", ["lanes", "tiled:2x3", "tiled:1x1", "tiled"])
+@pytest.mark.parametrize("block_order", ["forward", "reverse"])
+def test_solve_schedules_match_reference(schedule, limits, block_order, monkeypatch):
+    # The schedules off by default compute what the default does, on awkward
+    # shapes, whatever order the blocks start in (the tiled one takes tiles
+    # by ticket and waits for flags: a wrong order fails the launch).
+    if block_order == "reverse":
+        monkeypatch.setenv("INVCONV_EMULATOR_BLOCK_ORDER", "reverse")
+    rng = np.random.default_rng(len(schedule))
+    kinds = set()
+    for B, C, G, H, W, kh, kw in SCHEDULE_SHAPES:
+        corner = invconv.CORNERS[rng.integers(4)]
+        unit = bool(rng.integers(2))
+        w = make_weight(rng, C, G, kh, kw, corner, unit, junk=np.nan)
+        y, g = rng.standard_normal((2, B, C, H, W))
+        opts = dict(corner=corner, groups=G, unit_diagonal=unit)
+        want = invconv.reference.inv_conv2d(y, w, **opts)
+        want_vjp = invconv.reference.inv_conv2d_vjp(g, want, w, **opts)
+        with (_emulated.launch_limits(**limits), _emulated._ops.using_schedule(schedule),
+              counting_launches() as launched):
+            got = invconv.inv_conv2d(y, w, backend="emulator", **opts)
+            got_vjp = invconv.inv_conv2d_vjp(g, want, w, backend="emulator", **opts)
+        assert_close(got, want)
+        for a, e in zip(got_vjp, want_vjp):
+            assert_close(a, e)
+        kinds.update(name.split("<")[0] for name in launched)
+    if schedule.startswith("tiled") and limits.get("smem_bytes", 1 << 20) >= 400:
+        assert {"inv_conv_solve_tiled", "inv_conv_solve_adjoint_tiled"} <= kinds
+
+
+def test_schedule_option_is_checked():
+    from invconv._kernels import SolveSchedule
+    assert SolveSchedule.parse("") == SolveSchedule("diagonal")
+    assert SolveSchedule.parse("tiled:8x16") == SolveSchedule("tiled", 8, 16)
+    for bad in ("fast", "tiled:0x4", "tiled:8", "lanes:4x4"):
+        with pytest.raises(ValueError, match="INVCONV_SOLVE_SCHEDULE"):
+            SolveSchedule.parse(bad)
+
+
+@pytest.mark.parametrize("schedule", ["diagonal", "lanes", "tiled:2x2"])
 @pytest.mark.parametrize("op", ["conv2d", "inv_conv2d", "conv2d_vjp", "inv_conv2d_vjp"])
-def test_launch_count_does_not_grow_with_the_image(op):
+def test_launch_count_does_not_grow_with_the_image(op, schedule):
     rng = np.random.default_rng(0)
     w = rng.uniform(-0.05, 0.05, (2, 2, 3, 3))
     counts = {}
     for size in (3, 17):
         x = rng.standard_normal((2, 2, size, size + 1))
         args = (x, x, w) if op.endswith("vjp") else (x, w)
-        with counting_launches() as launched:
+        with counting_launches() as launched, _emulated._ops.using_schedule(schedule):
             getattr(invconv, op)(*args, backend="emulator")
         counts[size] = launched
     assert counts[3] == counts[17]
@@ -135,8 +204,9 @@ import invconv
 from invconv import _emulated
 
 rng = np.random.default_rng(0)
-for limits in ({}, {"smem_bytes": 0, "block": 33, "max_block": 33}):
-    with _emulated.launch_limits(**limits):
+for limits, schedule in (({}, "diagonal"), ({"smem_bytes": 0, "block": 33, "max_block": 33}, "lanes"),
+                         ({"block": 33, "max_block": 33}, "tiled:2x3")):
+    with _emulated.launch_limits(**limits), _emulated._ops.using_schedule(schedule):
         for corner, groups in (("top-left", 1), ("bottom-right", 3)):
             w = rng.uniform(-0.05, 0.05, (3, 3 // groups, 3, 2))
             x = rng.standard_normal((2, 3, 5, 6))

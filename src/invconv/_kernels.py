@@ -10,12 +10,28 @@ exercise the very plans and sources the GPU runs.
 Launch counts are fixed, whatever the image size: conv2d 1, its adjoint 1,
 inverse 3 (two to prepare the folded taps, one wavefront), inverse
 adjoint 3, weight gradient 2.
+
+Every kernel takes its shape and launch choices as one struct, ``IcParams``
+in ``kernels/common.cuh``, built here by :func:`kernel_params` and passed as a
+one-element NumPy array of :data:`PARAMS_DTYPE` (how CuPy passes a struct by
+value; the emulator takes the same).
+
+The solves have schedules (:class:`SolveSchedule`): ``diagonal``, the default,
+one block per (image, group) walking its anti-diagonals; ``lanes``, the same
+with each thread on fixed (channel, place) lanes instead of a division per
+element; ``tiled``, several blocks per slice taking tiles through an atomic
+ticket (for small ``B * groups``). The other two are not measured on a GPU yet,
+so they are chosen only on request: ``INVCONV_SOLVE_SCHEDULE`` (read when a
+backend starts, e.g. ``lanes`` or ``tiled:16x32``) or
+:meth:`KernelOps.using_schedule`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.resources
+import os
 import pathlib
 
 import numpy as np
@@ -25,9 +41,10 @@ from ._api import Conv
 # Kernel templates per source file, instantiated for each float type.
 KERNELS = {
     "forward.cu": ("masked_conv_forward", "inv_conv_lower_inverse", "inv_conv_fold_taps",
-                   "inv_conv_solve"),
+                   "inv_conv_solve", "inv_conv_solve_tiled"),
     "backward.cu": ("masked_conv_adjoint", "inv_conv_solve_adjoint",
-                    "conv_weight_grad_partial", "conv_weight_grad_combine"),
+                    "inv_conv_solve_adjoint_tiled", "conv_weight_grad_partial",
+                    "conv_weight_grad_combine"),
 }
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 WG_TAPS = 9  # IC_WG_TAPS in backward.cu: partial sums per thread in the weight gradient
@@ -48,14 +65,59 @@ def conv_channels_per_thread(group_channels: int) -> int:
     return 4 if group_channels <= 4 else 2
 
 
-@functools.lru_cache(maxsize=256)
-def _shape_scalars(shape, conv: Conv):
-    """The kernels' shape arguments (B, C, H, W, G, kh, kw, row sign, col sign,
-    unit diagonal) as int32 scalars; cached, as building them costs several
+# The members of IcParams (kernels/common.cuh), in order; all int32.
+PARAM_FIELDS = ("B", "C", "H", "W", "G", "cg", "kh", "kw", "rs", "cs", "unit",
+                "kp_in_smem", "slice_in_smem", "nsplit", "lanes",
+                "tile_h", "tile_w", "tiles_h", "tiles_w")
+PARAMS_DTYPE = np.dtype([(name, np.int32) for name in PARAM_FIELDS])
+
+
+@functools.lru_cache(maxsize=512)
+def kernel_params(shape, conv: Conv, **choices) -> np.ndarray:
+    """The kernels' ``IcParams`` for images of ``shape`` (B, C, H, W) and the
+    launch ``choices`` (other fields by name, 0 when not given): a read-only
+    one-element array of :data:`PARAMS_DTYPE`. Cached, as building one costs
     microseconds a launch."""
     B, C, H, W = shape
-    return tuple(np.int32(v) for v in (B, C, H, W, conv.groups, conv.kh, conv.kw,
-                                       conv.row_sign, conv.col_sign, conv.unit_diagonal))
+    params = np.zeros(1, dtype=PARAMS_DTYPE)
+    values = dict(B=B, C=C, H=H, W=W, G=conv.groups, cg=conv.group_channels, kh=conv.kh,
+                  kw=conv.kw, rs=conv.row_sign, cs=conv.col_sign,
+                  unit=int(conv.unit_diagonal), **choices)
+    for name, value in values.items():
+        params[name] = value   # a name IcParams lacks is a KeyError here
+    params.flags.writeable = False
+    return params
+
+
+SCHEDULES = ("diagonal", "lanes", "tiled")
+DEFAULT_TILE = 32   # pixels a side of a tile of the tiled schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveSchedule:
+    """How the solves are scheduled (see the module docstring)."""
+
+    kind: str = "diagonal"
+    tile_h: int = DEFAULT_TILE
+    tile_w: int = DEFAULT_TILE
+
+    @classmethod
+    def parse(cls, text: str) -> "SolveSchedule":
+        """``"diagonal"``, ``"lanes"``, ``"tiled"`` or ``"tiled:HxW"``."""
+        kind, _, tile = (text or "diagonal").strip().partition(":")
+        if kind not in SCHEDULES:
+            raise ValueError(f"INVCONV_SOLVE_SCHEDULE must be one of {', '.join(SCHEDULES)} "
+                             f"(tiled optionally as tiled:HxW), got {text!r}")
+        if not tile:
+            return cls(kind)
+        try:
+            th, tw = (int(v) for v in tile.lower().split("x"))
+        except ValueError:
+            th = tw = 0
+        if kind != "tiled" or th < 1 or tw < 1:
+            raise ValueError(f"INVCONV_SOLVE_SCHEDULE: a tile size is tiled:HxW with positive "
+                             f"H and W, got {text!r}")
+        return cls(kind, th, tw)
 
 
 def template_name(kernel: str, dtype, *extra) -> str:
@@ -114,6 +176,19 @@ class KernelOps:
         self.module_for = module_for
         self.limits_for = limits_for
         self._functions = {}
+        self.schedule = SolveSchedule.parse(os.environ.get("INVCONV_SOLVE_SCHEDULE", ""))
+
+    @contextlib.contextmanager
+    def using_schedule(self, schedule):
+        """Run the solves with ``schedule`` (a :class:`SolveSchedule` or its
+        text form) inside the block; not thread-safe."""
+        saved = self.schedule
+        self.schedule = (schedule if isinstance(schedule, SolveSchedule)
+                         else SolveSchedule.parse(schedule))
+        try:
+            yield self.schedule
+        finally:
+            self.schedule = saved
 
     # -- helpers ---------------------------------------------------------
     # Host time matters at flow sizes, where a kernel runs for microseconds:
@@ -131,9 +206,6 @@ class KernelOps:
             hit = (module, fn, fn.max_threads_per_block)
             self._functions[key] = hit
         return hit[1], hit[2]
-
-    def _shape_args(self, a, conv: Conv):
-        return _shape_scalars(a.shape, conv)
 
     @property
     def limits(self) -> LaunchLimits:
@@ -162,7 +234,7 @@ class KernelOps:
         B, C, H, W = a.shape
         threads = B * conv.groups * -(-conv.group_channels // per_thread) * H * W
         fn((self._grid(threads, block, lim),), (block,),
-           (a, weight, out, *self._shape_args(a, conv)))
+           (a, weight, out, kernel_params(a.shape, conv)))
         return out
 
     def forward(self, x, weight, conv):
@@ -176,9 +248,7 @@ class KernelOps:
         weight = self._contiguous(weight)
         cg = conv.group_channels
         prep = self.xp.empty((conv.groups, conv.kh * conv.kw, cg, cg), dtype=weight.dtype)
-        args = (weight, prep, np.int32(conv.channels), np.int32(conv.groups),
-                np.int32(conv.kh), np.int32(conv.kw), np.int32(conv.row_sign),
-                np.int32(conv.col_sign), np.int32(conv.unit_diagonal))
+        args = (weight, prep, kernel_params((1, conv.channels, 1, 1), conv))
         lim = self.limits
         fn, max_threads = self._function("forward.cu", "inv_conv_lower_inverse", weight.dtype)
         fn((conv.groups,), (self._block(max_threads, min(lim.max_block, -(-cg // 32) * 32)),),
@@ -193,6 +263,10 @@ class KernelOps:
     def _wavefront(self, kernel, source, rhs, weight, conv):
         rhs = self._contiguous(rhs)
         prep = self._prepare(weight, conv)
+        if self.schedule.kind == "tiled":
+            out = self._tiled(kernel + "_tiled", source, rhs, prep, conv)
+            if out is not None:
+                return out
         out = self.xp.empty(rhs.shape, dtype=rhs.dtype)
         B, C, H, W = rhs.shape
         cg, item = conv.group_channels, rhs.dtype.itemsize
@@ -208,9 +282,42 @@ class KernelOps:
             fn.max_dynamic_shared_size_bytes = shared
         diagonal = min(H, W) * cg
         block = self._block(max_threads, min(lim.max_block, max(32, -(-diagonal // 32) * 32)))
-        fn((B * conv.groups,), (block,),
-           (rhs, prep, out, *self._shape_args(rhs, conv), np.int32(kp_in_smem),
-            np.int32(slice_in_smem)), shared_mem=shared)
+        params = kernel_params(rhs.shape, conv, kp_in_smem=int(kp_in_smem),
+                               slice_in_smem=int(slice_in_smem),
+                               lanes=int(self.schedule.kind == "lanes"))
+        fn((B * conv.groups,), (block,), (rhs, prep, out, params), shared_mem=shared)
+        return out
+
+    def _tiled(self, kernel, source, rhs, prep, conv):
+        """The tiled schedule (see ic_solve_tiled in common.cuh), or None
+        where a tile does not fit in shared memory."""
+        B, C, H, W = rhs.shape
+        cg, item, lim = conv.group_channels, rhs.dtype.itemsize, self.limits
+        # A tile reads only its up-left neighbours when it is at least
+        # (kh-1) x (kw-1); one tile spans a side shorter than that.
+        th = min(H, max(self.schedule.tile_h, conv.kh - 1))
+        tw = min(W, max(self.schedule.tile_w, conv.kw - 1))
+        header = 16   # the block's ticket, as 16 bytes of T
+        tile_bytes = cg * (th + conv.kh - 1) * (tw + conv.kw - 1) * item
+        kp_bytes = conv.kh * conv.kw * cg * cg * item
+        if header + tile_bytes > lim.smem_bytes:
+            return None
+        kp_in_smem = header + kp_bytes + tile_bytes <= lim.smem_bytes
+        shared = header + tile_bytes + (kp_bytes if kp_in_smem else 0)
+        tiles_h, tiles_w = -(-H // th), -(-W // tw)
+        blocks = B * conv.groups * tiles_h * tiles_w
+        flags = self.xp.zeros(1 + blocks, dtype=np.int32)  # ticket counter, ready flags
+        out = self.xp.empty(rhs.shape, dtype=rhs.dtype)
+        # The adjoint passes g_hat on in a scratch array; the forward solve x itself.
+        extra = (self.xp.empty(rhs.shape, dtype=rhs.dtype),) if "adjoint" in kernel else ()
+        fn, max_threads = self._function(source, kernel, rhs.dtype)
+        if shared > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = shared
+        block = self._block(max_threads, min(lim.max_block,
+                                             max(32, -(-min(th, tw) * cg // 32) * 32)))
+        params = kernel_params(rhs.shape, conv, kp_in_smem=int(kp_in_smem), tile_h=th,
+                               tile_w=tw, tiles_h=tiles_h, tiles_w=tiles_w)
+        fn((blocks,), (block,), (rhs, prep, out, *extra, flags, params), shared_mem=shared)
         return out
 
     def solve(self, y, weight, conv):
@@ -234,13 +341,12 @@ class KernelOps:
             block //= 2
         fn, max_threads = self._function("backward.cu", "conv_weight_grad_partial", x.dtype)
         block = self._block(max_threads, block)
-        shape = self._shape_args(x, conv)
-        fn((C * cg, splits), (block,), (grad_out, x, partial, *shape),
+        fn((C * cg, splits), (block,), (grad_out, x, partial, kernel_params(x.shape, conv)),
            shared_mem=block * WG_TAPS * x.dtype.itemsize)
         out = self.xp.empty((C, cg, conv.kh, conv.kw), dtype=x.dtype)
         fn, max_threads = self._function("backward.cu", "conv_weight_grad_combine", x.dtype)
         block = self._block(max_threads, lim.block)
-        # (C, G, kh, kw, row sign, col sign, unit): the shape scalars without B, H, W
         fn((self._grid(out.size, block, lim),), (block,),
-           (partial, out, np.int32(splits), x.dtype.type(scale), shape[1], *shape[4:]))
+           (partial, out, x.dtype.type(scale),
+            kernel_params((1, C, 1, 1), conv, nsplit=splits)))
         return out

@@ -12,7 +12,7 @@ import pathlib
 import numpy as np
 
 from . import _api
-from ._kernels import kernel_dir, template_name
+from ._kernels import kernel_dir, kernel_params, template_name
 
 # The .cu sits beside this wrapper (it is a benchmark baseline, not one of the
 # package's kernels), and ships in the wheel with it.
@@ -56,12 +56,12 @@ class PerDiagonal:
         y = self.xp.ascontiguousarray(y)
         prep = self.ops._prepare(weight, conv)
         x = self.xp.empty_like(y)
-        shape = self.ops._shape_args(y, conv)
+        params = kernel_params(y.shape, conv)
         B, C, H, W = y.shape
-        self._launch("diag_lower_solve", y.size, (y, prep, x, *shape), y.dtype)
+        self._launch("diag_lower_solve", y.size, (y, prep, x, params), y.dtype)
         for d in range(H + W - 1):
             npix = min(d, H - 1) - max(0, d - W + 1) + 1
-            self._launch("diag_solve_step", B * C * npix, (prep, x, *shape, np.int32(d)),
+            self._launch("diag_solve_step", B * C * npix, (prep, x, params, np.int32(d)),
                          y.dtype)
         return x
 
@@ -70,14 +70,14 @@ class PerDiagonal:
         conv = self._conv(grad_x, weight, corner, groups, unit_diagonal)
         work = self.xp.array(grad_x, order="C", copy=True)
         prep = self.ops._prepare(weight, conv)
-        shape = self.ops._shape_args(work, conv)
+        params = kernel_params(work.shape, conv)
         B, C, H, W = work.shape
         for d in range(H + W - 2, -1, -1):
             npix = min(d, H - 1) - max(0, d - W + 1) + 1
             self._launch("diag_adjoint_step", B * C * npix,
-                         (prep, work, *shape, np.int32(d)), work.dtype)
+                         (prep, work, params, np.int32(d)), work.dtype)
         out = self.xp.empty_like(work)
-        self._launch("diag_upper_solve", work.size, (work, prep, out, *shape), work.dtype)
+        self._launch("diag_upper_solve", work.size, (work, prep, out, params), work.dtype)
         return out
 
     def inv_conv2d_vjp(self, grad_x, x, weight, *, corner="top-left", groups=1,

@@ -8,9 +8,8 @@
 // x = L^-1 y (the same-pixel block's inverse), one thread per element.
 template <typename T>
 __global__ void diag_lower_solve(const T* __restrict__ y, const T* __restrict__ prep,
-                                 T* __restrict__ x, int B, int C, int H, int W, int G,
-                                 int kh, int kw, int rs, int cs, int unit) {
-    const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
+                                 T* __restrict__ x, const IcParams s) {
+    const int B = s.B, C = s.C;
     const long long hw = s.hw(), total = (long long)B * C * hw;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
          e += (long long)gridDim.x * blockDim.x) {
@@ -27,10 +26,9 @@ __global__ void diag_lower_solve(const T* __restrict__ y, const T* __restrict__ 
 
 // One anti-diagonal d of the forward solve, in place on x (holding L^-1 y).
 template <typename T>
-__global__ void diag_solve_step(const T* __restrict__ prep, T* __restrict__ x, int B, int C,
-                                int H, int W, int G, int kh, int kw, int rs, int cs, int unit,
+__global__ void diag_solve_step(const T* __restrict__ prep, T* __restrict__ x, const IcParams s,
                                 int d) {
-    const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
+    const int B = s.B, C = s.C, H = s.H, W = s.W, kh = s.kh, kw = s.kw, rs = s.rs, cs = s.cs;
     const int rmin = s.diag_first(d);
     const int npix = s.diag_length(d);
     const long long hw = s.hw(), total = (long long)B * C * npix;
@@ -60,10 +58,9 @@ __global__ void diag_solve_step(const T* __restrict__ prep, T* __restrict__ x, i
 
 // One anti-diagonal d of the adjoint solve, in place on g (holding grad_x).
 template <typename T>
-__global__ void diag_adjoint_step(const T* __restrict__ prep, T* __restrict__ gw, int B, int C,
-                                  int H, int W, int G, int kh, int kw, int rs, int cs, int unit,
-                                  int d) {
-    const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
+__global__ void diag_adjoint_step(const T* __restrict__ prep, T* __restrict__ gw, const IcParams s,
+                                int d) {
+    const int B = s.B, C = s.C, H = s.H, W = s.W, kh = s.kh, kw = s.kw, rs = s.rs, cs = s.cs;
     const int rmin = s.diag_first(d);
     const int npix = s.diag_length(d);
     const long long hw = s.hw(), total = (long long)B * C * npix;
@@ -94,9 +91,8 @@ __global__ void diag_adjoint_step(const T* __restrict__ prep, T* __restrict__ gw
 // grad_y = L^-T g_hat, one thread per element (reads g_hat, writes gy).
 template <typename T>
 __global__ void diag_upper_solve(const T* __restrict__ ghat, const T* __restrict__ prep,
-                                 T* __restrict__ gy, int B, int C, int H, int W, int G,
-                                 int kh, int kw, int rs, int cs, int unit) {
-    const ConvShape s(B, C, H, W, G, kh, kw, rs, cs, unit);
+                                 T* __restrict__ gy, const IcParams s) {
+    const int B = s.B, C = s.C;
     const long long hw = s.hw(), total = (long long)B * C * hw;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
          e += (long long)gridDim.x * blockDim.x) {

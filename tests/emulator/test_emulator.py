@@ -19,7 +19,7 @@ KERNELS = Path(__file__).with_name("kernels")
 BASICS = KERNELS / "basics.cu"
 NAMES = ["block_sum<float>", "block_sum<double>", "write_indices", "atomic_count<float>",
          "atomic_count<double>", "read_unwritten<float>", "read_unwritten<double>",
-         "read_unwritten<unsigned>", "early_exit", "votes", "shift_nosync", "trap_if", "scalars"]
+         "read_unwritten<unsigned>", "early_exit", "votes", "shift_nosync", "trap_if", "scalars", "ticket_chain"]
 
 CTYPES = {np.float32: "float", np.float64: "double"}
 
@@ -143,6 +143,40 @@ def test_scalar_arguments(basics):
     basics.get_function("scalars")(1, 1, (out, np.float32(1.5), np.float64(-2.25), np.int32(-7),
                                           np.int64(2**40), np.uint32(4000000000), pair))
     np.testing.assert_array_equal(out, [1.5, -2.25, -7, 2**40, 4000000000, -3, 2.5])
+
+
+def test_struct_arguments_as_one_element_arrays(basics):
+    # CuPy passes a struct by value as a one-element host array; so does the emulator.
+    out = np.zeros(7)
+    pair = np.array([(-3, 2.5)], dtype=[("a", "<i4"), ("b", "<f4")])
+    scalars = (out, np.float32(1.5), np.float64(-2.25), np.int32(-7), np.int64(2**40),
+               np.uint32(4000000000))
+    basics.get_function("scalars")(1, 1, (*scalars, pair))
+    np.testing.assert_array_equal(out[5:], [-3, 2.5])
+    with pytest.raises(TypeError, match="8-byte struct and needs a one-element array"):
+        basics.get_function("scalars")(1, 1, (*scalars, np.concatenate([pair, pair])))
+    with pytest.raises(TypeError, match="8-byte struct and needs a one-element array"):
+        basics.get_function("scalars")(1, 1, (*scalars, np.zeros(1, np.int32)))
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_blocks_waiting_on_earlier_tickets(basics, order, monkeypatch):
+    # Blocks run one after another, in blockIdx order or (on request) the
+    # reverse; tickets from an atomic counter follow the run order either way,
+    # so a chain of waits on earlier tickets never spins, and a wait on a
+    # later one fails at once instead of hanging.
+    if order == "reverse":
+        monkeypatch.setenv("INVCONV_EMULATOR_BLOCK_ORDER", "reverse")
+    k = basics.get_function("ticket_chain")
+    n = 6
+    counter, flags, ran = np.zeros(1, np.int32), np.zeros(n, np.int32), np.full(n, -1, np.int32)
+    k(n, 5, (counter, flags, ran, np.int32(0)))
+    expect = np.arange(n) if order == "forward" else np.arange(n)[::-1]
+    np.testing.assert_array_equal(ran, expect)
+    assert counter[0] == n and flags.all()
+    counter[:], flags[:] = 0, 0
+    with pytest.raises(RuntimeError, match="no block that ran before it made true"):
+        k(n, 5, (counter, flags, ran, np.int32(1)))
 
 
 def test_kernel_exception_becomes_runtime_error(basics):

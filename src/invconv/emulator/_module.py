@@ -14,7 +14,9 @@ Usage
 
 Arrays are passed as pointers to their data (any :class:`numpy.ndarray`; its
 layout is the caller's business, as with CuPy); scalars must be NumPy scalars
-of the kernel parameter's size.  Launches are synchronous.
+of the kernel parameter's size, and a struct parameter takes a one-element
+array of its size (a structured dtype mirroring the struct), as CuPy does.
+Launches are synchronous.
 
 Semantics
 ---------
@@ -23,6 +25,9 @@ Semantics
   deterministic; odd-numbered blocks run their threads in reverse order so an
   unsynchronised access shows up whichever way it goes).  ``engine="threads"``
   runs each CUDA thread on its own OS thread instead.
+  ``INVCONV_EMULATOR_BLOCK_ORDER=reverse`` runs the blocks in reverse.
+* Blocks may wait for flags that blocks which ran before them set
+  (``CUEMU_SPIN_UNTIL``); a wait that could only spin fails the launch.
 * Before every block, dynamic and static shared memory is filled with 0xFF
   bytes (NaN as float or double), so reads of unwritten shared memory show.
 * ``race_check=True`` (or ``INVCONV_EMULATOR_RACE_CHECK=1``) builds with
@@ -529,6 +534,14 @@ class EmulatedFunction:
                                     f"got {type(arg).__module__}.{type(arg).__name__}")
                 self._check_pointee(where, arg.dtype, spec)
                 buf = ctypes.c_void_p(arg.__array_interface__["data"][0])
+            elif spec.kind == 3 and isinstance(arg, np.ndarray):
+                # A struct by value: as CuPy takes one, a one-element host
+                # array (of a structured dtype) holding the struct's bytes.
+                if arg.size != 1 or arg.nbytes != spec.size:
+                    raise TypeError(f"{where} is a {spec.size}-byte struct and needs a "
+                                    f"one-element array of {spec.size} bytes, got {arg.size} "
+                                    f"element(s) of {arg.dtype.itemsize} bytes")
+                buf = ctypes.create_string_buffer(arg.tobytes(), spec.size)
             else:
                 if isinstance(arg, np.ndarray) or not isinstance(arg, np.generic):
                     what = "an array" if isinstance(arg, np.ndarray) else type(arg).__name__

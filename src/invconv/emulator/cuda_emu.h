@@ -10,7 +10,8 @@
 // cuemu::dynamic_shared_memory(), as `extern __shared__` cannot be expressed);
 // __syncthreads[_count|_and|_or], __threadfence[_block|_system], __trap;
 // atomicAdd/Sub/Exch/Min/Max/And/Or/Xor/Inc/Dec/CAS on the usual types;
-// min/max, <cmath>, rsqrt(f), a few __intrinsics, __ldg; float2..uint4.
+// min/max, <cmath>, rsqrt(f), a few __intrinsics, __ldg/__ldcg/__ldcv/__stcg;
+// float2..uint4; CUEMU_SPIN_UNTIL for waits on flags other blocks set.
 // Warp-level primitives fail to compile with a "cuemu:" message.
 //
 // Blocks run one after another, so function statics model static shared
@@ -28,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <sys/mman.h>
@@ -170,6 +172,7 @@ struct Launch {
   std::mutex error_mutex;
   std::exception_ptr error;
   std::atomic<bool> failed{false};
+  bool reverse_blocks = false;
   void fail(std::exception_ptr e) {
     std::lock_guard lock(error_mutex);
     if (!error) error = e;
@@ -183,6 +186,14 @@ struct Launch {
     }
   }
 };
+
+// The n-th block to run: blockIdx order, or the reverse with
+// INVCONV_EMULATOR_BLOCK_ORDER=reverse (read at every launch), which shows a
+// kernel that relies on blocks starting in blockIdx order (a GPU promises no
+// order; kernels that need one take tickets from an atomic counter).
+unsigned long long block_at(const Launch& L, unsigned long long n) {
+  return L.reverse_blocks ? L.nblocks - 1 - n : n;
+}
 
 // Called while no CUDA thread runs: 0xFF bytes read as NaN in float and double.
 void begin_block(const Launch& L) {
@@ -218,7 +229,7 @@ struct NextBlock {
       s->done = true;
       return;
     }
-    s->current = s->next++;
+    s->current = block_at(*s->L, s->next++);
     begin_block(*s->L);
     s->sync.emplace(s->L->nthreads);
     sync_barrier = &*s->sync;
@@ -315,7 +326,8 @@ void run_blocks(Launch& L) {
   for (unsigned i = 0; i < L.nthreads; ++i) mprotect(base + i * slot, page, PROT_NONE);
   std::vector<Fiber> fibers(L.nthreads);
   fiber_launch = &L;
-  for (unsigned long long b = 0; b < L.nblocks && !L.failed.load(); ++b) {
+  for (unsigned long long n = 0; n < L.nblocks && !L.failed.load(); ++n) {
+    const unsigned long long b = block_at(L, n);
     begin_block(L);
     set_block_idx(b);
     for (unsigned i = 0; i < L.nthreads; ++i) start_fiber(fibers[i], base + i * slot + page, stack);
@@ -354,6 +366,8 @@ int run(const LaunchConfig* c, void (*body)(void*), void* ctx) {
   std::vector<unsigned char> dyn(c->shared_mem + 128);
   dyn_smem = dyn.data() + (-reinterpret_cast<std::uintptr_t>(dyn.data()) & 127);
   Launch L{static_cast<unsigned>(n), nb, c->shared_mem, body, ctx};
+  const char* order = std::getenv("INVCONV_EMULATOR_BLOCK_ORDER");
+  L.reverse_blocks = order && std::strcmp(order, "reverse") == 0;
   run_blocks(L);
   dyn_smem = nullptr;
   if (!L.error) return 0;
@@ -555,6 +569,26 @@ static inline int __ffs(int x) { return __builtin_ffs(x); }
 static inline int __ffsll(long long x) { return __builtin_ffsll(x); }
 template <class T>
 static inline T __ldg(const T* p) { return *p; }
+// Cache-hinted loads and stores: caches are not modelled, so plain accesses.
+template <class T>
+static inline T __ldcg(const T* p) { return *p; }
+template <class T>
+static inline T __ldcv(const T* p) { return *p; }
+template <class T>
+static inline void __stcg(T* p, T v) { *p = v; }
+
+// ---- waiting on other blocks -------------------------------------------------
+// A kernel whose blocks wait on flags in global memory that other blocks set
+// (tiles taken through an atomic ticket in dependency order) spins on a GPU:
+// `while (!(cond)) {}`.  Here blocks run one after another, so a flag set by a
+// block that took an earlier ticket is set already, and one that is not will
+// never be: CUEMU_SPIN_UNTIL(cond) fails the launch instead of hanging.
+#define CUEMU_SPIN_UNTIL(cond)                                                        \
+  do {                                                                                \
+    if (!(cond))                                                                      \
+      throw std::runtime_error("cuemu: a block waits for `" #cond "`, which no block " \
+                               "that ran before it made true (it would spin forever)"); \
+  } while (0)
 
 // ---- what cannot be emulated: a compile-time error, never a hang -------------
 // Templates, so that the static_assert fires only where a kernel calls them.

@@ -103,3 +103,24 @@ extern "C" __global__ void scalars(double* out, float f, double d, int i, long l
                                    unsigned u, Pair p) {
   out[0] = f; out[1] = d; out[2] = i; out[3] = double(l); out[4] = u; out[5] = p.a; out[6] = p.b;
 }
+
+// Blocks take tickets from an atomic counter and record who ran when; ticket
+// t waits for the flag of ticket t - 1 (a chain that never spins when blocks
+// run one after another), or, with `wrong`, for ticket t + 1, which no block
+// that ran before it can have set.
+extern "C" __global__ void ticket_chain(int* counter, int* flags, int* order, int wrong) {
+  __shared__ int ticket;
+  if (threadIdx.x == 0) ticket = atomicAdd(counter, 1);
+  __syncthreads();
+  const int t = ticket;
+  const int wait_for = wrong ? t + 1 : t - 1;
+  if (threadIdx.x == 0 && wait_for >= 0 && wait_for < int(gridDim.x)) {
+    CUEMU_SPIN_UNTIL(*reinterpret_cast<volatile int*>(flags + wait_for) != 0);
+    __threadfence();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) order[t] = int(blockIdx.x);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicExch(flags + t, 1);
+}
