@@ -10,12 +10,16 @@
 //  3. Shared memory only through IC_DYNAMIC_SHARED (one dynamic buffer per
 //     launch, poisoned with NaN bytes by the emulator before every block);
 //     no static __shared__ arrays.
-//  4. Only __syncthreads() synchronises, and every thread of the block reaches
-//     every __syncthreads() (barrier loops have block-uniform bounds). No warp
-//     shuffles, votes, __syncwarp, cooperative groups, spin-waits on other
-//     threads, and nothing that depends on the warp size or on threads running
-//     in lockstep: the emulator runs a block's threads as fibers switched at
-//     barriers (or as OS threads under its ThreadSanitizer race check).
+//  4. Inside a block only __syncthreads() synchronises, and every thread of
+//     the block reaches every __syncthreads() (barrier loops have
+//     block-uniform bounds). No warp shuffles, votes, __syncwarp, cooperative
+//     groups, spin-waits on other threads of the block, and nothing that
+//     depends on the warp size or on threads running in lockstep: the emulator
+//     runs a block's threads as fibers switched at barriers (or as OS threads
+//     under its ThreadSanitizer race check). Between blocks: one thread may
+//     wait (IC_SPIN_UNTIL) for a flag that a block holding an earlier ticket
+//     of an atomic counter sets, never for one that a later block sets; see
+//     the tiled solves below.
 //  5. Kernel arguments are pointers, one IcParams (below) and, where needed,
 //     a float of type T; sizes and offsets that can pass 2^31 are computed in
 //     long long.
