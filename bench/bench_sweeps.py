@@ -10,7 +10,11 @@ kernel maths scheduled one launch per anti-diagonal (invconv.baselines), each
 called eagerly from Python and replayed from a CUDA graph (the GPU work alone,
 without Python's per-launch cost), and the peak device memory an eager call
 allocates is recorded. Inputs rotate among three
-sets so repeated runs do not time a warm cache.
+sets so repeated runs do not time a warm cache. cuDNN's conv2d of the same
+shape (forward for the inverse, forward and backward for the vjp) is timed
+too: the table gives invconv's time per diagonal step beside its ratio to
+cuDNN, issue 12's two measures. ``--schedules lanes,tiled`` adds graph replays
+of the inverse under solve schedules that are off by default.
 
 On a GPU, every CuPy allocation of the ops goes through PyTorch's caching
 allocator (as in invconv.torch), so ``torch.cuda.max_memory_allocated`` sees
@@ -30,7 +34,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 import invconv
-from invconv.benchmarks import CudaGraphReplay, GpuTimer, cpu_timer
+from invconv.benchmarks import (CUDNN_COUNTERPART, CudaGraphReplay, GpuTimer, _torch_alternatives,
+                                cpu_timer, with_schedule)
 
 # (name, parameter values, function of the value -> (B, C, H, W, k))
 GPU_SWEEPS = [
@@ -60,7 +65,7 @@ def _problem(rng, shape, dtype):
     return w, sets
 
 
-def _gpu_runner():
+def _gpu_runner(schedules=()):
     import cupy
     import torch
     from invconv.torch import _cuda_context
@@ -81,6 +86,14 @@ def _gpu_runner():
             yield name, fn, gsets
         for name, fn in fns.items():
             yield name + "-graph", CudaGraphReplay(fn), gsets
+        for schedule in schedules:
+            yield (f"invconv-{schedule}-cuda-graph",
+                   CudaGraphReplay(with_schedule(fns["invconv-cuda"], schedule)), gsets)
+        B, C, H, W = gsets[0][0].shape
+        for name, _, fn, inputs, _ in _torch_alternatives(
+                CUDNN_COUNTERPART[op], (B, C, H, W), w.shape[-1], w, gsets, "cuda", 0):
+            if name == "cudnn-conv2d":
+                yield name, fn, inputs
 
     timer = GpuTimer()
 
@@ -122,8 +135,8 @@ def _cpu_runner():
     return implementations, measure, "CPU"
 
 
-def run(quick, gpu, dtype=np.float32):
-    implementations, measure, device_name = _gpu_runner() if gpu else _cpu_runner()
+def run(quick, gpu, dtype=np.float32, schedules=()):
+    implementations, measure, device_name = _gpu_runner(schedules) if gpu else _cpu_runner()
     rng = np.random.default_rng(0)
     rows = []
     for sweep, values, make in (QUICK_SWEEPS if quick else GPU_SWEEPS):
@@ -145,7 +158,9 @@ def run(quick, gpu, dtype=np.float32):
                                      median_ms=statistics.median(times),
                                      min_ms=min(times), repeats=len(times),
                                      peak_bytes=None if peak is None else int(peak),
-                                     diagonal_steps=H + W - 1))
+                                     diagonal_steps=H + W - 1,
+                                     us_per_step=statistics.median(times) * 1e3
+                                     / (H + W - 1)))
                     peak_text = "-" if peak is None else f"{peak / 2**20:.2f} MiB"
                     print(f"{sweep:11s} {value:4d} {op:8s} {name:24s} "
                           f"{rows[-1]['median_ms']:9.3f} ms  peak {peak_text}", flush=True)
@@ -157,20 +172,25 @@ def run(quick, gpu, dtype=np.float32):
 def markdown(rows, env):
     """One line per sweep point and op: each implementation's median ms, each
     other implementation's time over invconv's timed the same way (eager or
-    graph replay), and the peak memory of the eager calls."""
+    graph replay; cuDNN over invconv's graph replay), invconv's graph replay
+    per diagonal step and over cuDNN, and the peak memory of the eager calls."""
     impls = list(dict.fromkeys(r["implementation"] for r in rows))
     first = impls[0]
 
     def base(impl):  # the invconv row timed the same way as impl
-        twin = first + "-graph" if impl.endswith("-graph") else first
+        twin = (first + "-graph" if impl.endswith("-graph") or impl == "cudnn-conv2d"
+                else first)
         return twin if twin in impls and twin != impl else None
     compared = [i for i in impls if base(i)]
     measured_peak = [i for i in impls
                      if any(r["peak_bytes"] is not None
                             for r in rows if r["implementation"] == i)]
     cell = {(r["sweep"], r["value"], r["op"], r["implementation"]): r for r in rows}
+    stepped = first + "-graph" if first + "-graph" in impls else first
+    cudnn = "cudnn-conv2d" if "cudnn-conv2d" in impls else None
     head = (["sweep", "value", "B,C,H,W", "k", "op"] + [f"{i} ms" for i in impls]
             + [f"{i} / {base(i)}" for i in compared]
+            + [f"{stepped} us / step"] + ([f"{stepped} / cuDNN"] if cudnn else [])
             + [f"{i} peak MiB" for i in measured_peak])
     peak = ("device memory the op allocated (outputs and scratch), from torch's allocator"
             if env["device"] != "CPU" else "what tracemalloc saw the op allocate")
@@ -185,6 +205,10 @@ def markdown(rows, env):
         line += [f"{r['median_ms']:.3f}" if r else "-" for r in got.values()]
         line += [f"{got[i]['median_ms'] / got[base(i)]['median_ms']:.2f}"
                  if got[i] and got[base(i)] else "-" for i in compared]
+        line.append(f"{got[stepped]['us_per_step']:.2f}" if got[stepped] else "-")
+        if cudnn:
+            line.append(f"{got[stepped]['median_ms'] / got[cudnn]['median_ms']:.2f}"
+                        if got[stepped] and got[cudnn] else "-")
         line += [f"{got[i]['peak_bytes'] / 2**20:.2f}"
                  if got[i] and got[i]["peak_bytes"] is not None else "-" for i in measured_peak]
         lines.append("| " + " | ".join(line) + " |")
@@ -223,7 +247,16 @@ def main(argv=None):
     p.add_argument("--markdown", help="markdown table file")
     p.add_argument("--plot", help="PNG of the sweeps (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="small CPU sweeps, reference only")
+    p.add_argument("--schedules", default="",
+                   help="comma-separated solve schedules to time beside the default (GPU)")
     args = p.parse_args(argv)
+    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    from invconv._kernels import SolveSchedule
+    for schedule in schedules:
+        try:
+            SolveSchedule.parse(schedule)
+        except ValueError as exc:
+            p.error(f"--schedules: {exc}")
     try:
         import cupy
         gpu = not args.quick and cupy.cuda.runtime.getDeviceCount() > 0
@@ -231,7 +264,7 @@ def main(argv=None):
         gpu = False
     if not gpu and not args.quick:
         p.error("the full sweeps need CuPy, torch and a CUDA device; use --quick on a CPU")
-    env, rows = run(args.quick, gpu)
+    env, rows = run(args.quick, gpu, schedules=schedules)
     if not rows:
         raise SystemExit("no sweep rows were produced")
     with open(args.out, "w") as f:

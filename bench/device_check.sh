@@ -2,7 +2,7 @@
 # The device check: run from the repository root on a machine with a CUDA GPU
 # (no network needed; python3 there must have cupy, numpy, scipy, pytest,
 # hypothesis, and torch for the torch tests, the cuDNN yardstick and the
-# model timings). Under 8 minutes on one H200.
+# model timings). Under 8 minutes on one H200 without the extra schedules.
 #
 #   bash bench/device_check.sh RESULTS_DIR
 #
@@ -10,6 +10,13 @@
 # op, model and sweep tables, host cost per call), gpu_tests.log, sanitizer.log (memcheck and
 # racecheck), bench.log, ops.json (op timings), models.json (model timings),
 # sweeps.json and sweeps.png (scaling sweeps; the plot needs matplotlib).
+#
+# The solve schedules that are off by default (INVCONV_SOLVE_SCHEDULE, see
+# src/invconv/_kernels.py) are checked and timed in the same run: the GPU
+# correctness tests and compute-sanitizer run under each, and the op bench and
+# sweeps time each beside the default (summary.md: "Solve schedules"), so the
+# default can be chosen by measurement. INVCONV_CHECK_SCHEDULES overrides the
+# list (comma-separated; empty for none).
 set -u
 out=${1:?usage: bash bench/device_check.sh RESULTS_DIR}
 mkdir -p "$out"
@@ -46,13 +53,19 @@ step() {  # step NAME LOG TIMEOUT CMD...: run, append to LOG, record pass/fail
 echo "| step | result | time |" > "$steps"
 echo "|---|---|---|" >> "$steps"
 
+schedules=${INVCONV_CHECK_SCHEDULES-lanes,tiled,tiled:16x16}
+
 step gpu_tests gpu_tests.log 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_torch_gpu.py
 step memcheck sanitizer.log 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py
 step racecheck sanitizer.log 90 compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
-step bench_ops bench.log 150 python3 bench/bench_ops.py --device-check --out "$out/ops.json" --markdown "$tables/ops.md"
+for schedule in ${schedules//,/ }; do
+  step "gpu_tests[$schedule]" gpu_tests.log 120 env INVCONV_SOLVE_SCHEDULE="$schedule" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k "matches_reference or nan_and_inf or graph"
+  step "memcheck[$schedule]" sanitizer.log 90 env INVCONV_SOLVE_SCHEDULE="$schedule" compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py
+done
+step bench_ops bench.log 240 python3 bench/bench_ops.py --device-check --schedules "$schedules" --out "$out/ops.json" --markdown "$tables/ops.md"
 step bench_models bench.log 120 python3 bench/bench_models.py --out "$out/models.json" --markdown "$tables/models.md"
 step host_profile bench.log 60 python3 bench/profile_host.py --calls 300 --out "$tables/host.txt"
-step bench_sweeps bench.log 150 python3 bench/bench_sweeps.py --out "$out/sweeps.json" --markdown "$tables/sweeps.md" --plot "$out/sweeps.png"
+step bench_sweeps bench.log 240 python3 bench/bench_sweeps.py --schedules "$schedules" --out "$out/sweeps.json" --markdown "$tables/sweeps.md" --plot "$out/sweeps.png"
 
 {
   echo "# Device check"

@@ -46,6 +46,31 @@ def test_quick_bench_through_the_cli(tmp_path):
         base = medians[(r["op"], str(r["shape"]), r["baseline"])]
         assert r["ratio_to_invconv"] == pytest.approx(r["median_ms"] / base, rel=1e-12)
     assert md.read_text().count("\n|") >= len(rows)
+    for r in rows:   # the inverse rows carry issue 12's measures
+        if r["op"].startswith("inv"):
+            assert r["us_per_step"] == pytest.approx(r["median_ms"] * 1e3 / r["diagonal_steps"])
+
+
+def test_ratio_to_cudnn_pairs_each_solve_with_its_convolution():
+    from invconv.benchmarks import add_step_and_cudnn_measures
+    rows = [dict(op=op, implementation=impl, median_ms=ms, diagonal_steps=steps)
+            for op, impl, ms, steps in [("inv", "invconv-cuda-graph", 0.3, 63),
+                                        ("inv_vjp", "invconv-cuda-graph", 0.8, 63),
+                                        ("conv", "cudnn-conv2d", 0.1, 0),
+                                        ("conv_vjp", "cudnn-conv2d", 0.5, 0)]]
+    add_step_and_cudnn_measures(rows)
+    assert rows[0]["ratio_to_cudnn"] == pytest.approx(3.0)
+    assert rows[1]["ratio_to_cudnn"] == pytest.approx(1.6)
+    assert rows[0]["us_per_step"] == pytest.approx(300 / 63)
+    assert "ratio_to_cudnn" not in rows[2]
+    add_step_and_cudnn_measures(rows[:2])   # no cuDNN rows: no ratio
+    assert rows[0]["ratio_to_cudnn"] is None
+
+
+def test_bench_refuses_an_unknown_schedule(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--quick", "--out", "x.json", "--schedules", "fastest"])
+    assert "INVCONV_SOLVE_SCHEDULE must be one of" in capsys.readouterr().err
 
 
 def test_model_timings_quick(tmp_path):
@@ -68,6 +93,7 @@ def test_scaling_sweeps_quick(tmp_path):
     table = [line for line in md.read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(points)          # header + one line per sweep point and op
     assert all(line.count("|") == table[0].count("|") for line in table)
+    assert "us / step" in table[0]
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

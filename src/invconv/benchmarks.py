@@ -10,6 +10,9 @@ implementation available on the machine is timed:
 - ``invconv-cuda``: the one-launch wavefront kernels (CUDA events);
 - ``*-graph``: invconv and the per-diagonal baseline captured once into a CUDA
   graph and timed as replays, i.e. the GPU work without Python's launch cost;
+- ``invconv-SCHEDULE-cuda-graph`` (with ``--schedules``): the inverse and its
+  vjp under a solve schedule that is off by default (see invconv._kernels),
+  to choose by measurement;
 - ``per-diagonal-cuda``: the same kernel maths, one launch per anti-diagonal;
 - ``cusparse``: ``cupyx.scipy.sparse.linalg.spsolve_triangular`` on the operator;
 - ``dense-torch``: ``torch.linalg.solve_triangular`` on the dense operator, where it fits;
@@ -23,8 +26,11 @@ The one-launch-per-diagonal baseline is :class:`invconv.baselines.PerDiagonal`.
 
 Each row: median and quartiles over repeats after warm-up, with inputs
 rotated among several sets so caches do not flatter, the ratio to invconv in
-the same run, the bytes an op must move at least, and the number of
-sequential diagonal steps.
+the same run, the bytes an op must move at least, the number of sequential
+diagonal steps and, for the inverse and its vjp, the time per diagonal step
+and the ratio to cuDNN's convolution of the same shape (forward for the
+inverse, forward and backward for the vjp): the two measures of issue 12's
+targets.
 """
 from __future__ import annotations
 
@@ -186,7 +192,35 @@ def _per_diagonal():
     return PerDiagonal("cuda")
 
 
-def implementations(op, shape, k, weight, xp_sets, have_gpu, dense_limit_bytes):
+def with_schedule(fn, schedule):
+    """``fn`` with the CUDA backend's solves under ``schedule`` (its text form)
+    while it runs, a CUDA-graph capture included."""
+    from invconv import _cuda
+
+    def scheduled(*args):
+        with _cuda._ops.using_schedule(schedule):
+            return fn(*args)
+    return scheduled
+
+
+# The convolution each solve is measured against (issue 12's targets).
+CUDNN_COUNTERPART = {"inv": "conv", "inv_vjp": "conv_vjp"}
+
+
+def add_step_and_cudnn_measures(rows):
+    """Adds ``us_per_step`` and ``ratio_to_cudnn`` to the inverse rows of one
+    shape: cuDNN's time is its conv2d (forward, or forward and backward) row
+    of the same shape; None where there is none."""
+    cudnn = {r["op"]: r for r in rows if r["implementation"] == "cudnn-conv2d"}
+    for r in rows:
+        if r["op"] in CUDNN_COUNTERPART:
+            r["us_per_step"] = r["median_ms"] * 1e3 / r["diagonal_steps"]
+            base = cudnn.get(CUDNN_COUNTERPART[r["op"]])
+            r["ratio_to_cudnn"] = r["median_ms"] / base["median_ms"] if base else None
+
+
+def implementations(op, shape, k, weight, xp_sets, have_gpu, dense_limit_bytes,
+                    schedules=()):
     """Yield (name, device, fn, inputs, launches) for every available implementation."""
     B, C, H, W = shape
     steps = H + W - 1
@@ -204,6 +238,10 @@ def implementations(op, shape, k, weight, xp_sets, have_gpu, dense_limit_bytes):
         fn, launches = ops[op]
         yield "invconv-cuda", "cuda", fn, gsets, launches
         yield "invconv-cuda-graph", "cuda", CudaGraphReplay(fn), gsets, launches
+        if op in ("inv", "inv_vjp"):
+            for schedule in schedules:
+                yield (f"invconv-{schedule}-cuda-graph", "cuda",
+                       CudaGraphReplay(with_schedule(fn, schedule)), gsets, launches)
 
         per_diag = _per_diagonal() if op in ("inv", "inv_vjp") else None
         if per_diag is not None:
@@ -297,7 +335,7 @@ def _torch_alternatives(op, shape, k, weight, inputs, device, dense_limit_bytes)
 
 
 def run(shapes, k, dtype, have_gpu, n_sets, repeats, budget_s, dense_limit_bytes,
-        skip_reference_above, on_shape_done=lambda rows: None):
+        skip_reference_above, on_shape_done=lambda rows: None, schedules=()):
     rows = []
     gpu_timer = GpuTimer() if have_gpu else None
     rng = np.random.default_rng(0)
@@ -307,10 +345,11 @@ def run(shapes, k, dtype, have_gpu, n_sets, repeats, budget_s, dense_limit_bytes
         if have_gpu:
             import cupy
             xp_sets["cupy"] = [tuple(cupy.asarray(a) for a in s) for s in sets]
+        first = len(rows)
         for op in OPS:
             shape_rows = []
             for name, device, fn, inputs, launches in implementations(
-                    op, shape, k, weight, xp_sets, have_gpu, dense_limit_bytes):
+                    op, shape, k, weight, xp_sets, have_gpu, dense_limit_bytes, schedules):
                 if (name == "reference-cpu" and have_gpu
                         and math.prod(shape) > skip_reference_above):
                     continue
@@ -344,6 +383,7 @@ def run(shapes, k, dtype, have_gpu, n_sets, repeats, budget_s, dense_limit_bytes
                 r["baseline"] = base["implementation"] if base else None
                 r["GBps_floor"] = r["min_bytes"] / (r["median_ms"] * 1e-3) / 1e9
             rows.extend(shape_rows)
+        add_step_and_cudnn_measures(rows[first:])
         on_shape_done(rows)
     return rows
 
@@ -373,15 +413,57 @@ def markdown(rows, env):
              f"(CuPy {env.get('cupy', '-')}, torch {env.get('torch', '-')}, "
              f"NumPy {env['numpy']}, SciPy {env['scipy']}). Median ms over repeats "
              f"[q1, q3]; ratio = time / invconv's time in the same run (for *-graph rows, "
-             f"over invconv's own graph replay).", "",
-             "| op | shape (B,C,H,W) | implementation | median ms | [q1, q3] | ratio | launches | diagonal steps | GB/s at the byte floor |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"over invconv's own graph replay); us / step = time / diagonal steps; "
+             f"/ cuDNN = time / cuDNN conv2d's of the same shape (forward for inv, "
+             f"forward + backward for inv_vjp).", "",
+             "| op | shape (B,C,H,W) | implementation | median ms | [q1, q3] | ratio | launches "
+             "| diagonal steps | us / step | / cuDNN | GB/s at the byte floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def num(value, digits=2):
+        return "-" if value is None else f"{value:.{digits}f}"
     for r in rows:
-        ratio = f"{r['ratio_to_invconv']:.2f}" if r["ratio_to_invconv"] is not None else "-"
         lines.append(
             f"| {r['op']} | {tuple(r['shape'])} | {r['implementation']} | {r['median_ms']:.3f} | "
-            f"[{r['q1_ms']:.3f}, {r['q3_ms']:.3f}] | {ratio} | {r['launches'] or '-'} | "
-            f"{r['diagonal_steps'] or '-'} | {r['GBps_floor']:.1f} |")
+            f"[{r['q1_ms']:.3f}, {r['q3_ms']:.3f}] | {num(r['ratio_to_invconv'])} | "
+            f"{r['launches'] or '-'} | {r['diagonal_steps'] or '-'} | "
+            f"{num(r.get('us_per_step'))} | {num(r.get('ratio_to_cudnn'))} | "
+            f"{r['GBps_floor']:.1f} |")
+    return "\n".join(lines) + "\n" + schedule_markdown(rows)
+
+
+def schedule_markdown(rows):
+    """The solve schedules side by side (graph replays; empty without
+    ``--schedules`` rows): what a default-schedule rule is chosen from."""
+    default = "invconv-cuda-graph"
+    names = list(dict.fromkeys(r["implementation"] for r in rows
+                               if r["implementation"].startswith("invconv-")
+                               and r["implementation"].endswith("-cuda-graph")
+                               and r["implementation"] != default))
+    if not names:
+        return ""
+    schedule = {n: n[len("invconv-"):-len("-cuda-graph")] for n in names}
+    lines = ["", "Solve schedules (graph replays): ms, and in brackets time over the "
+             "default schedule's.", "",
+             "| op | shape (B,C,H,W) | default ms | default us / step | default / cuDNN | "
+             + " | ".join(f"{schedule[n]} ms" for n in names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(names)]
+    cell = {(r["op"], tuple(r["shape"]), r["implementation"]): r for r in rows}
+    for op, shape in dict.fromkeys((r["op"], tuple(r["shape"])) for r in rows
+                                   if r["implementation"] in names):
+        base = cell.get((op, shape, default))
+        line = [op, str(shape)]
+        if base:
+            ratio = base.get("ratio_to_cudnn")
+            line += [f"{base['median_ms']:.3f}", f"{base['us_per_step']:.2f}",
+                     "-" if ratio is None else f"{ratio:.2f}"]
+        else:
+            line += ["-", "-", "-"]
+        for n in names:
+            r = cell.get((op, shape, n))
+            line.append("-" if r is None else f"{r['median_ms']:.3f}" + (
+                f" ({r['median_ms'] / base['median_ms']:.2f})" if base else ""))
+        lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -394,7 +476,17 @@ def main(argv=None):
     p.add_argument("--markdown", help="markdown table file")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--kernel-size", type=int, default=3)
+    p.add_argument("--schedules", default="",
+                   help="comma-separated solve schedules to time beside the default "
+                        "(GPU only), e.g. lanes,tiled,tiled:16x16")
     args = p.parse_args(argv)
+    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    from ._kernels import SolveSchedule
+    for schedule in schedules:
+        try:
+            SolveSchedule.parse(schedule)
+        except ValueError as exc:
+            p.error(f"--schedules: {exc}")
 
     try:
         import cupy
@@ -416,7 +508,7 @@ def main(argv=None):
     rows = run(shapes, args.kernel_size, np.dtype(args.dtype), have_gpu,
                n_sets=4 if have_gpu else 2, repeats=30 if have_gpu else 10,
                budget_s=1.0, dense_limit_bytes=8 << 30, skip_reference_above=2_000_000,
-               on_shape_done=write)
+               on_shape_done=write, schedules=schedules if have_gpu else ())
     if not rows:
         raise SystemExit("no benchmark rows were produced")
     print(f"{len(rows)} rows -> {args.out}")
