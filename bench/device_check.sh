@@ -53,7 +53,7 @@ step() {  # step NAME LOG TIMEOUT CMD...: run, append to LOG, record pass/fail
 echo "| step | result | time |" > "$steps"
 echo "|---|---|---|" >> "$steps"
 
-schedules=${INVCONV_CHECK_SCHEDULES-lanes,tiled,tiled:16x16}
+schedules=${INVCONV_CHECK_SCHEDULES-lanes,diagonal:2,diagonal:4,tiled,tiled:16x16}
 
 step gpu_tests gpu_tests.log 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_torch_gpu.py
 step memcheck sanitizer.log 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py

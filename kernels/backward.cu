@@ -17,8 +17,9 @@ __global__ void masked_conv_adjoint(const T* __restrict__ g, const T* __restrict
 // grad_y = M^-T grad_x = L^-T (I + N'^T)^-1 grad_x, with the scratch of
 // inv_conv_lower_inverse and inv_conv_fold_taps. One block per (image, group) walks the anti-diagonals in
 // reverse:  g_hat_q = grad_x_q - sum_{off != 0} K'^T_off g_hat_{q + off},
-// then grad_y_q = L^-T g_hat_q. Shared memory as in inv_conv_solve.
-template <typename T>
+// then grad_y_q = L^-T g_hat_q. Shared memory, and CH channels a thread, as in
+// inv_conv_solve.
+template <typename T, int CH>
 __global__ void inv_conv_solve_adjoint(const T* __restrict__ gx, const T* __restrict__ prep,
                                        T* __restrict__ gy, const IcParams p) {
     IC_DYNAMIC_SHARED(T, smem);
@@ -32,22 +33,30 @@ __global__ void inv_conv_solve_adjoint(const T* __restrict__ gx, const T* __rest
     __syncthreads();
 
     const IcLanes lanes = ic_lanes(p);
+    const int units = (cg + CH - 1) / CH;
     for (int d = H + W - 2; d >= 0; --d) {
-        ic_for_diagonal(p, lanes, d, [&](int i, int r, int c) {
+        ic_for_diagonal(p, lanes, units, d, [&](int unit, int r, int c) {
+            const int i0 = unit * CH;
             const int h = p.image_row(r);
             const int col = p.image_col(c);
-            const long long idx = i * hw + (long long)h * W + col;
-            T acc = work[idx];
+            const long long idx = i0 * hw + (long long)h * W + col;
+            T acc[CH];
+            for (int j = 0; j < CH; ++j) acc[j] = i0 + j < cg ? work[idx + j * hw] : T(0);
             const int dumax = H - 1 - r < kh - 1 ? H - 1 - r : kh - 1;
             const int dvmax = W - 1 - c < kw - 1 ? W - 1 - c : kw - 1;
             for (int du = 0; du <= dumax; ++du) {
                 for (int dv = du == 0 ? 1 : 0; dv <= dvmax; ++dv) {
-                    const T* k = kp + (du * kw + dv) * cg * cg + i;  // column i of K'_off
+                    const T* k = kp + (du * kw + dv) * cg * cg + i0;  // columns i0.. of K'_off
                     const T* src = work + (long long)(h + p.rs * du) * W + (col + p.cs * dv);
-                    for (int o = 0; o < cg; ++o) acc -= k[o * cg] * src[o * hw];
+                    for (int o = 0; o < cg; ++o) {
+                        const T v = src[o * hw];
+                        for (int j = 0; j < CH; ++j)
+                            if (i0 + j < cg) acc[j] -= k[o * cg + j] * v;
+                    }
                 }
             }
-            work[idx] = acc;
+            for (int j = 0; j < CH; ++j)
+                if (i0 + j < cg) work[idx + j * hw] = acc[j];
         });
         __syncthreads();
     }

@@ -206,44 +206,45 @@ __device__ __forceinline__ IcSolveSlice<T> ic_solve_begin(const T* __restrict__ 
     return s;
 }
 
-// The threads' share of one anti-diagonal: body(channel, r, c) runs once for
-// every (channel, pixel) of diagonal d. By default element e = channel * npix
-// + k is split by a division per element. With p.lanes, thread t owns the
-// fixed lanes t, t + blockDim, ... of a cg x L grid (L = min(H, W), the
-// longest diagonal): channel lane / L at place lane % L, worked out once per
-// thread (ic_lanes), so a diagonal costs no division; places beyond the
-// diagonal idle. Both visit the same elements with the same arithmetic.
+// The threads' share of one anti-diagonal: body(unit, r, c) runs once for
+// every (unit, pixel) of diagonal d, a unit being CH consecutive channels
+// (units = ceil(cg / CH)). By default element e = unit * npix + k is split by
+// a division per element. With p.lanes, thread t owns the fixed lanes t,
+// t + blockDim, ... of a units x L grid (L = min(H, W), the longest
+// diagonal): unit lane / L at place lane % L, worked out once per thread
+// (ic_lanes), so a diagonal costs no division; places beyond the diagonal
+// idle. Both visit the same elements with the same arithmetic.
 struct IcLanes {
-    int ch0, k0;   // the thread's first lane
-    int dch, dk;   // blockDim.x as (channels, places)
+    int u0, k0;   // the thread's first lane
+    int du, dk;   // blockDim.x as (units, places)
     int L;
 };
 
 __device__ __forceinline__ IcLanes ic_lanes(const IcParams& p) {
     IcLanes l;
     l.L = p.H < p.W ? p.H : p.W;
-    l.ch0 = threadIdx.x / l.L;
+    l.u0 = threadIdx.x / l.L;
     l.k0 = threadIdx.x % l.L;
-    l.dch = blockDim.x / l.L;
+    l.du = blockDim.x / l.L;
     l.dk = blockDim.x % l.L;
     return l;
 }
 
 template <typename F>
-__device__ __forceinline__ void ic_for_diagonal(const IcParams& p, const IcLanes& lanes, int d,
-                                                F&& body) {
+__device__ __forceinline__ void ic_for_diagonal(const IcParams& p, const IcLanes& lanes,
+                                                int units, int d, F&& body) {
     const int rmin = p.diag_first(d);
     const int npix = p.diag_length(d);
     if (p.lanes) {
-        int ch = lanes.ch0, k = lanes.k0;
-        while (ch < p.cg) {
-            if (k < npix) body(ch, rmin + k, d - rmin - k);
-            ch += lanes.dch;
+        int u = lanes.u0, k = lanes.k0;
+        while (u < units) {
+            if (k < npix) body(u, rmin + k, d - rmin - k);
+            u += lanes.du;
             k += lanes.dk;
-            if (k >= lanes.L) { k -= lanes.L; ++ch; }
+            if (k >= lanes.L) { k -= lanes.L; ++u; }
         }
     } else {
-        for (int e = threadIdx.x; e < npix * p.cg; e += blockDim.x) {
+        for (int e = threadIdx.x; e < npix * units; e += blockDim.x) {
             const int r = rmin + e % npix;
             body(e / npix, r, d - r);
         }

@@ -64,9 +64,11 @@ __global__ void inv_conv_fold_taps(const T* __restrict__ w, T* __restrict__ prep
 // diagonals: a pixel reads only strictly earlier diagonals. First
 // y_hat = L^-1 y (parallel over the slice), then on each diagonal
 //   x_p = y_hat_p - sum_{off != 0} K'_off x_{p - off}
-// for all (pixel, channel) pairs of the diagonal in parallel. Where the slice
-// and the K' table live: see ic_solve_begin.
-template <typename T>
+// for all (pixel, CH consecutive channels) of the diagonal in parallel: each
+// value read from the slice feeds CH sums (CH = 1 by default; 2 and 4 are
+// the opt-in register tiling). Where the slice and the K' table live: see
+// ic_solve_begin.
+template <typename T, int CH>
 __global__ void inv_conv_solve(const T* __restrict__ y, const T* __restrict__ prep,
                                T* __restrict__ x, const IcParams p) {
     IC_DYNAMIC_SHARED(T, smem);
@@ -88,22 +90,30 @@ __global__ void inv_conv_solve(const T* __restrict__ y, const T* __restrict__ pr
     __syncthreads();
 
     const IcLanes lanes = ic_lanes(p);
+    const int units = (cg + CH - 1) / CH;
     for (int d = 0; d < p.H + W - 1; ++d) {
-        ic_for_diagonal(p, lanes, d, [&](int o, int r, int c) {
+        ic_for_diagonal(p, lanes, units, d, [&](int unit, int r, int c) {
+            const int o0 = unit * CH;
             const int h = p.image_row(r);
             const int col = p.image_col(c);
-            const long long idx = o * hw + (long long)h * W + col;
-            T acc = work[idx];
+            const long long idx = o0 * hw + (long long)h * W + col;
+            T acc[CH];
+            for (int j = 0; j < CH; ++j) acc[j] = o0 + j < cg ? work[idx + j * hw] : T(0);
             const int dumax = r < kh - 1 ? r : kh - 1;
             const int dvmax = c < kw - 1 ? c : kw - 1;
             for (int du = 0; du <= dumax; ++du) {
                 for (int dv = du == 0 ? 1 : 0; dv <= dvmax; ++dv) {
-                    const T* k = kp + ((du * kw + dv) * cg + o) * cg;
+                    const T* k = kp + ((du * kw + dv) * cg + o0) * cg;  // rows o0.. of K'_off
                     const T* src = work + (long long)(h - p.rs * du) * W + (col - p.cs * dv);
-                    for (int i = 0; i < cg; ++i) acc -= k[i] * src[i * hw];
+                    for (int i = 0; i < cg; ++i) {
+                        const T v = src[i * hw];
+                        for (int j = 0; j < CH; ++j)
+                            if (o0 + j < cg) acc[j] -= k[j * cg + i] * v;
+                    }
                 }
             }
-            work[idx] = acc;
+            for (int j = 0; j < CH; ++j)
+                if (o0 + j < cg) work[idx + j * hw] = acc[j];
         });
         __syncthreads();
     }

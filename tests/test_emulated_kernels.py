@@ -124,7 +124,8 @@ SCHEDULE_LIMITS = {
 
 
 @pytest.mark.parametrize("limits", SCHEDULE_LIMITS.values(), ids=SCHEDULE_LIMITS.keys())
-@pytest.mark.parametrize("schedule", ["lanes", "tiled:2x3", "tiled:1x1", "tiled"])
+@pytest.mark.parametrize("schedule", ["lanes", "diagonal:2", "lanes:4", "tiled:2x3",
+                                      "tiled:1x1", "tiled"])
 @pytest.mark.parametrize("block_order", ["forward", "reverse"])
 def test_solve_schedules_match_reference(schedule, limits, block_order, monkeypatch):
     # The schedules off by default compute what the default does, on awkward
@@ -157,13 +158,14 @@ def test_solve_schedules_match_reference(schedule, limits, block_order, monkeypa
 def test_schedule_option_is_checked():
     from invconv._kernels import SolveSchedule
     assert SolveSchedule.parse("") == SolveSchedule("diagonal")
-    assert SolveSchedule.parse("tiled:8x16") == SolveSchedule("tiled", 8, 16)
-    for bad in ("fast", "tiled:0x4", "tiled:8", "lanes:4x4"):
+    assert SolveSchedule.parse("tiled:8x16") == SolveSchedule("tiled", tile_h=8, tile_w=16)
+    assert SolveSchedule.parse("lanes:4") == SolveSchedule("lanes", channels=4)
+    for bad in ("fast", "tiled:0x4", "tiled:8", "lanes:4x4", "diagonal:3", "tiled:2"):
         with pytest.raises(ValueError, match="INVCONV_SOLVE_SCHEDULE"):
             SolveSchedule.parse(bad)
 
 
-@pytest.mark.parametrize("schedule", ["diagonal", "lanes", "tiled:2x2"])
+@pytest.mark.parametrize("schedule", ["diagonal", "lanes:2", "tiled:2x2"])
 @pytest.mark.parametrize("op", ["conv2d", "inv_conv2d", "conv2d_vjp", "inv_conv2d_vjp"])
 def test_launch_count_does_not_grow_with_the_image(op, schedule):
     rng = np.random.default_rng(0)
@@ -204,7 +206,8 @@ import invconv
 from invconv import _emulated
 
 rng = np.random.default_rng(0)
-for limits, schedule in (({}, "diagonal"), ({"smem_bytes": 0, "block": 33, "max_block": 33}, "lanes"),
+for limits, schedule in (({}, "diagonal"), ({"smem_bytes": 0, "block": 33, "max_block": 33}, "lanes:2"),
+                         ({"block": 7, "max_block": 7}, "diagonal:4"),
                          ({"block": 33, "max_block": 33}, "tiled:2x3")):
     with _emulated.launch_limits(**limits), _emulated._ops.using_schedule(schedule):
         for corner, groups in (("top-left", 1), ("bottom-right", 3)):

@@ -20,9 +20,11 @@ The solves have schedules (:class:`SolveSchedule`): ``diagonal``, the default,
 one block per (image, group) walking its anti-diagonals; ``lanes``, the same
 with each thread on fixed (channel, place) lanes instead of a division per
 element; ``tiled``, several blocks per slice taking tiles through an atomic
-ticket (for small ``B * groups``). The other two are not measured on a GPU yet,
-so they are chosen only on request: ``INVCONV_SOLVE_SCHEDULE`` (read when a
-backend starts, e.g. ``lanes`` or ``tiled:16x32``) or
+ticket (for small ``B * groups``). The untiled two take a number of channels
+a thread (1 by default, 2 or 4: register tiling, each value read from the
+slice feeding several sums). Only the default is measured on a GPU yet; the
+others are chosen on request: ``INVCONV_SOLVE_SCHEDULE`` (read when a backend
+starts, e.g. ``lanes``, ``diagonal:4`` or ``tiled:16x32``) or
 :meth:`KernelOps.using_schedule`.
 """
 from __future__ import annotations
@@ -50,8 +52,13 @@ _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 WG_TAPS = 9  # IC_WG_TAPS in backward.cu: partial sums per thread in the weight gradient
 # Channels per thread (template argument CH) of the two convolution kernels.
 CONV_CHANNELS = (1, 2, 4)
+# Channels per thread (template argument CH) of the untiled solves: 1 by
+# default, 2 or 4 on request (register tiling, not yet measured on a GPU).
+SOLVE_CHANNELS = (1, 2, 4)
 _EXTRA_TEMPLATE_ARGS = {"masked_conv_forward": CONV_CHANNELS,
-                        "masked_conv_adjoint": CONV_CHANNELS}
+                        "masked_conv_adjoint": CONV_CHANNELS,
+                        "inv_conv_solve": SOLVE_CHANNELS,
+                        "inv_conv_solve_adjoint": SOLVE_CHANNELS}
 
 
 def conv_channels_per_thread(group_channels: int) -> int:
@@ -98,26 +105,33 @@ class SolveSchedule:
     """How the solves are scheduled (see the module docstring)."""
 
     kind: str = "diagonal"
+    channels: int = 1          # per thread, untiled schedules
     tile_h: int = DEFAULT_TILE
     tile_w: int = DEFAULT_TILE
 
     @classmethod
     def parse(cls, text: str) -> "SolveSchedule":
-        """``"diagonal"``, ``"lanes"``, ``"tiled"`` or ``"tiled:HxW"``."""
-        kind, _, tile = (text or "diagonal").strip().partition(":")
+        """``"diagonal"`` or ``"lanes"``, optionally with channels per thread
+        (``"lanes:4"``; 1, 2 or 4), or ``"tiled"``, optionally with a tile
+        size (``"tiled:16x32"``)."""
+        kind, _, arg = (text or "diagonal").strip().partition(":")
+        usage = (f"INVCONV_SOLVE_SCHEDULE must be diagonal[:N] or lanes[:N] with N in "
+                 f"{', '.join(map(str, SOLVE_CHANNELS))} channels a thread, or tiled[:HxW] "
+                 f"with positive H and W; got {text!r}")
         if kind not in SCHEDULES:
-            raise ValueError(f"INVCONV_SOLVE_SCHEDULE must be one of {', '.join(SCHEDULES)} "
-                             f"(tiled optionally as tiled:HxW), got {text!r}")
-        if not tile:
+            raise ValueError(usage)
+        if not arg:
             return cls(kind)
         try:
-            th, tw = (int(v) for v in tile.lower().split("x"))
+            if kind == "tiled":
+                th, tw = (int(v) for v in arg.lower().split("x"))
+                if th >= 1 and tw >= 1:
+                    return cls(kind, tile_h=th, tile_w=tw)
+            elif int(arg) in SOLVE_CHANNELS:
+                return cls(kind, channels=int(arg))
         except ValueError:
-            th = tw = 0
-        if kind != "tiled" or th < 1 or tw < 1:
-            raise ValueError(f"INVCONV_SOLVE_SCHEDULE: a tile size is tiled:HxW with positive "
-                             f"H and W, got {text!r}")
-        return cls(kind, th, tw)
+            pass
+        raise ValueError(usage)
 
 
 def template_name(kernel: str, dtype, *extra) -> str:
@@ -277,10 +291,11 @@ class KernelOps:
         used = kp_bytes if kp_in_smem else 0
         slice_in_smem = used + slice_bytes <= lim.smem_bytes
         shared = used + (slice_bytes if slice_in_smem else 0)
-        fn, max_threads = self._function(source, kernel, rhs.dtype)
+        per_thread = self.schedule.channels
+        fn, max_threads = self._function(source, kernel, rhs.dtype, per_thread)
         if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
             fn.max_dynamic_shared_size_bytes = shared
-        diagonal = min(H, W) * cg
+        diagonal = min(H, W) * -(-cg // per_thread)
         block = self._block(max_threads, min(lim.max_block, max(32, -(-diagonal // 32) * 32)))
         params = kernel_params(rhs.shape, conv, kp_in_smem=int(kp_in_smem),
                                slice_in_smem=int(slice_in_smem),
