@@ -69,6 +69,21 @@ def test_convolutions_for_every_channels_per_thread(group_channels):
                 assert_close(a, e)
 
 
+@pytest.mark.parametrize("schedule", ["lanes:4", "tiled:2x2"])
+@pytest.mark.parametrize("op", ["inv_conv2d", "inv_conv2d_vjp"])
+def test_nonfinite_reach_under_the_other_schedules(op, schedule):
+    # tests/test_nonfinite.py holds the default schedule to the structure of
+    # the operator; the opt-in schedules of the solves meet the same check.
+    from test_nonfinite import check_nonfinite_reach
+
+    def run(op, args, opts):
+        return getattr(invconv, op)(*args, backend="emulator", **opts)
+    with _emulated.launch_limits(block=7, max_block=7), _emulated._ops.using_schedule(schedule):
+        for value in (np.nan, np.inf):
+            for groups, unit in ((1, True), (2, False)):
+                check_nonfinite_reach(run, op, value, "bottom-left", groups, unit, np.float64)
+
+
 class _CountingModule:
     def __init__(self, module, counts):
         self.module, self.counts = module, counts
