@@ -70,7 +70,7 @@ def test_ratio_to_cudnn_pairs_each_solve_with_its_convolution():
 def test_bench_refuses_an_unknown_schedule(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--quick", "--out", "x.json", "--schedules", "fastest"])
-    assert "INVCONV_SOLVE_SCHEDULE must be one of" in capsys.readouterr().err
+    assert "INVCONV_SOLVE_SCHEDULE must be" in capsys.readouterr().err
 
 
 def test_model_timings_quick(tmp_path):
