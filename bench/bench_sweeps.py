@@ -34,8 +34,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 import invconv
-from invconv.benchmarks import (CUDNN_COUNTERPART, CudaGraphReplay, GpuTimer, _torch_alternatives,
-                                cpu_timer, with_schedule)
+from invconv.benchmarks import (CUDNN_COUNTERPART, CudaGraphReplay, GpuTimer,
+                                _torch_alternatives, cpu_timer, with_schedule)
 
 # (name, parameter values, function of the value -> (B, C, H, W, k))
 GPU_SWEEPS = [
