@@ -13,9 +13,10 @@ masked convolution in the density direction, so sampling is a plain
 convolution), a spline activation, ActNorm, an invertible 1x1 convolution and
 an affine coupling.  Presets: ``inverse-flow``, ``finc-flow`` (the same with
 ``MaskedConv2d``: convolution to the latent, inverse when sampling), ``glow``
-(no k x k layer, no spline) and ``snf-small`` (the 9-layer MNIST flow of the
-paper's Table 4: 3 blocks of 3 x [3x3 inverse convolution + spline], squeeze
-between blocks).
+(no k x k layer, no spline), ``emerging`` (Glow with the Emerging k x k
+convolution in place of the 1x1) and ``snf-small`` (the 9-layer MNIST flow of
+the paper's Table 4: 3 blocks of 3 x [3x3 inverse convolution + spline],
+squeeze between blocks).
 
 Data handling and bits per dimension
 ------------------------------------
@@ -40,9 +41,9 @@ from torch import nn
 
 from .torch import InvConv2d, MaskedConv2d
 
-__all__ = ["Squeeze", "Split", "ActNorm", "InvertibleConv1x1", "AffineCoupling",
-           "SplineActivation", "FlowStep", "InverseFlow", "PRESETS", "build",
-           "dequantize"]
+__all__ = ["Squeeze", "Split", "ActNorm", "InvertibleConv1x1", "EmergingConv2d",
+           "AffineCoupling", "SplineActivation", "FlowStep", "InverseFlow", "PRESETS",
+           "build", "dequantize"]
 
 LOG2 = math.log(2.0)
 
@@ -139,8 +140,59 @@ class InvertibleConv1x1(nn.Module):
         return torch.einsum("oi,bihw->bohw", self.weight(), x), self._logdet(x)
 
     def inverse(self, y):
-        w_inv = torch.linalg.inv(self.weight())
+        # W^-1 = U^-1 L^-1 P^T by two triangular solves: exact for this
+        # factorisation, and unlike torch.linalg.inv (which checks for
+        # singularity on the host) free of device-host syncs, so it can be
+        # captured in a CUDA graph.
+        eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
+        lower = self.lower * self.lower_mask + eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign * torch.exp(self.logs))
+        w_inv = torch.linalg.solve_triangular(
+            upper, torch.linalg.solve_triangular(lower, self.perm.T, upper=False,
+                                                 unitriangular=True), upper=True)
         return torch.einsum("oi,bihw->bohw", w_inv, y), -self._logdet(y)
+
+
+class EmergingConv2d(nn.Module):
+    """Emerging convolution (Hoogeboom et al., 2019): two masked convolutions composed.
+
+    x, y : (B, C, H, W).  ``forward(x) -> (y, logabsdet)`` with
+    ``y = R M2 R M1 x``: ``M1`` a masked convolution reading the pixels below
+    and to the right (``corner="bottom-right"``), ``R`` the channel reversal
+    and ``M2`` one reading above and to the left (``corner="top-left"``).  Each
+    same-pixel block is triangular with a learned diagonal
+    ``sign * exp(log_diag)``; reversing the channels around ``M2`` makes its
+    block upper-triangular in the original order, so the composed same-pixel
+    map is a full ``C x C`` matrix (an LU-factorised 1x1 convolution) and the
+    composed receptive field is the centred ``kernel_size x kernel_size``
+    window.  Each factor is a ``(k//2 + 1) x (k//2 + 1)`` masked convolution.
+
+    ``logabsdet = H W (sum log|d1| + sum log|d2|)``, shape (B,);
+    ``inverse(y)`` solves ``M2`` then ``M1`` with :func:`invconv.torch.inv_conv2d`
+    (exact, one launch each on CUDA), where the published Emerging code inverts
+    on the CPU.
+    """
+
+    def __init__(self, channels, kernel_size=3, *, init_std=0.01):
+        super().__init__()
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int (the composed "
+                             f"window), got {kernel_size!r}")
+        half = kernel_size // 2 + 1
+        self.first = MaskedConv2d(channels, half, corner="bottom-right", learn_diagonal=True,
+                                  init_std=init_std)
+        self.second = MaskedConv2d(channels, half, corner="top-left", learn_diagonal=True,
+                                   init_std=init_std)
+
+    def forward(self, x):
+        h, ld1 = self.first(x)
+        y, ld2 = self.second(h.flip(1))
+        return y.flip(1), ld1 + ld2
+
+    def inverse(self, y):
+        h, ld2 = self.second.inverse(y.flip(1))
+        x, ld1 = self.first.inverse(h.flip(1))
+        return x, ld1 + ld2
 
 
 class AffineCoupling(nn.Module):
@@ -327,8 +379,11 @@ class InverseFlow(nn.Module):
         Channels of the coupling networks.
     kernel_size : int
         Size of the masked convolution in each step.
-    conv : {"inverse", "masked", None}
-        ``InvConv2d`` (Inverse-Flow), ``MaskedConv2d`` (FInC Flow) or none (Glow).
+    conv : {"inverse", "masked", "emerging", None}
+        ``InvConv2d`` (Inverse-Flow), ``MaskedConv2d`` (FInC Flow) or none (Glow)
+        at the start of each step; ``"emerging"`` puts an :class:`EmergingConv2d`
+        (its diagonals always learned) in place of the 1x1 convolution, or at
+        the start of the step when ``coupling=False``.
     spline : bool
         Put a :class:`SplineActivation` after the k x k layer.
     coupling : bool
@@ -350,8 +405,9 @@ class InverseFlow(nn.Module):
         if H % 2 ** squeezes or W % 2 ** squeezes:
             raise ValueError(f"input {H}x{W} is not divisible by 2**{squeezes} (one squeeze "
                              f"per level)")
-        if conv not in ("inverse", "masked", None):
-            raise ValueError(f"conv must be 'inverse', 'masked' or None, got {conv!r}")
+        if conv not in ("inverse", "masked", "emerging", None):
+            raise ValueError(f"conv must be 'inverse', 'masked', 'emerging' or None, "
+                             f"got {conv!r}")
         self.input_shape = tuple(input_shape)
         self.logit = logit
         self.config = dict(levels=levels, steps=steps, hidden=hidden, kernel_size=kernel_size,
@@ -370,13 +426,17 @@ class InverseFlow(nn.Module):
                 layers.append(Squeeze())
             for _ in range(steps):
                 step = []
-                if conv is not None:
+                if conv in ("inverse", "masked"):
                     cls = InvConv2d if conv == "inverse" else MaskedConv2d
                     step.append(cls(c, kernel_size, learn_diagonal=learn_diagonal))
+                elif conv == "emerging" and not coupling:
+                    step.append(EmergingConv2d(c, kernel_size))
                 if spline:
                     step.append(SplineActivation(c, spline_bins, spline_bound))
                 if coupling:
-                    step += [ActNorm(c), InvertibleConv1x1(c), AffineCoupling(c, hidden)]
+                    mix = (EmergingConv2d(c, kernel_size) if conv == "emerging"
+                           else InvertibleConv1x1(c))
+                    step += [ActNorm(c), mix, AffineCoupling(c, hidden)]
                 layers.append(FlowStep(*step))
             self.levels.append(FlowStep(*layers))
             if split and level < levels - 1:
@@ -471,8 +531,14 @@ def _snf_small(shape, **kw):
                                  "squeeze_first": False, **kw})
 
 
+def _emerging(shape, **kw):
+    """Glow's steps with the Emerging k x k convolution in place of the 1x1 (no spline)."""
+    kw.pop("learn_diagonal", None)   # Emerging always learns its diagonals
+    return InverseFlow(shape, **{"conv": "emerging", "spline": False, **kw})
+
+
 PRESETS = {"inverse-flow": _inverse_flow, "finc-flow": _finc_flow, "glow": _glow,
-           "snf-small": _snf_small}
+           "snf-small": _snf_small, "emerging": _emerging}
 
 
 def build(name, input_shape, **kwargs):
