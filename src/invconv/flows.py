@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import CapturedCall, resolve_method
 from .torch import InvConv2d, MaskedConv2d
 
 __all__ = ["Squeeze", "Split", "ActNorm", "InvertibleConv1x1", "EmergingConv2d",
@@ -484,27 +485,90 @@ class InverseFlow(nn.Module):
             x, _ = self.levels[i].inverse(x)
         return self._postprocess(x)
 
-    def log_prob(self, v):
-        """``log p_V(v)`` in nats for data ``v`` in [0, 1]^D, shape (B,)."""
+    def _log_prob(self, v):
         latents, logdet = self.encode(v)
         prior = sum(_sum_per_sample(-0.5 * z * z - 0.5 * math.log(2 * math.pi)) for z in latents)
         return prior + logdet
 
-    def bits_per_dim(self, v):
+    def log_prob(self, v, captured=False):
+        """``log p_V(v)`` in nats for data ``v`` in [0, 1]^D, shape (B,).
+
+        ``captured``: False (eager, differentiable), True or ``"graph"`` (a
+        CUDA-graph replay per batch shape), ``"compile"`` (torch.compile,
+        mode="reduce-overhead"); see :mod:`invconv.capture`.  Captured calls
+        return detached results, need ActNorm initialised, run the model as in
+        eval mode (the one training-mode difference of these layers is
+        ActNorm's initialisation) and run eagerly off CUDA.
+        """
+        method = resolve_method(captured)
+        if method == "eager":
+            return self._log_prob(v)
+        return self._capture("log_prob", method)(v)
+
+    def _log_prob_eval(self, v):
+        # Training-mode ActNorm reads its flag on the host (a sync, which
+        # capture forbids); initialised, it computes the same in eval mode.
+        if not self.training:
+            return self._log_prob(v)
+        self.eval()
+        try:
+            return self._log_prob(v)
+        finally:
+            self.train()
+
+    def bits_per_dim(self, v, captured=False):
         """``(-log p_V(v) + D log 256) / (D log 2)`` per sample, shape (B,)."""
         D = math.prod(self.input_shape)
-        return (-self.log_prob(v) + D * math.log(256.0)) / (D * LOG2)
+        return (-self.log_prob(v, captured) + D * math.log(256.0)) / (D * LOG2)
 
     @torch.no_grad()
-    def sample(self, n, temperature=1.0, generator=None):
-        """``n`` samples in data space [0, 1] (decoded from N(0, T^2) latents)."""
+    def sample(self, n, temperature=1.0, generator=None, captured=False):
+        """``n`` samples in data space [0, 1] (decoded from N(0, T^2) latents).
+
+        The latents are drawn eagerly (so ``generator`` gives the same samples
+        either way); with ``captured`` (as in :meth:`log_prob`) the decoding is
+        one replay per (n, dtype, device), whatever the temperature.
+        """
+        method = resolve_method(captured)
         p = next(self.parameters(), None)
         device = p.device if p is not None else None
         dtype = p.dtype if p is not None else torch.float32
         latents = [temperature * torch.randn((n, *s), generator=generator, device=device,
                                              dtype=dtype)
                    for s in self.latent_shapes]
-        return self.decode(latents)
+        if method == "eager":
+            return self.decode(latents)
+        return self._capture("decode", method)(*latents)
+
+    # -- captured passes -----------------------------------------------------
+    def _capture(self, name, method):
+        """The :class:`~invconv.capture.CapturedCall` of pass ``name`` for ``method``."""
+        cache = self.__dict__.setdefault("_captures", {})
+        if (name, method) not in cache:
+            # Checked once per pass (reading the flags syncs with the device);
+            # an initialised ActNorm stays initialised.
+            uninitialised = [n for n, m in self.named_modules()
+                             if isinstance(m, ActNorm) and not bool(m.initialized)]
+            if uninitialised:
+                raise ValueError(f"captured passes need ActNorm initialised (run one forward "
+                                 f"pass in training mode first; a trained checkpoint has "
+                                 f"it): {uninitialised[0]} is not")
+            fn = self._log_prob_eval if name == "log_prob" else self._decode_flat
+            cache[(name, method)] = CapturedCall(fn, method, state=self._state_tensors)
+        return cache[(name, method)]
+
+    def _decode_flat(self, *latents):
+        return self.decode(list(latents))
+
+    def _state_tensors(self):
+        return [*self.parameters(), *self.buffers()]
+
+    def __getstate__(self):
+        # Captured graphs do not pickle (deepcopy, torch.save of the module):
+        # a copy captures again on first use.
+        state = dict(self.__dict__)
+        state.pop("_captures", None)
+        return state
 
     def forward(self, v):
         return self.log_prob(v)
