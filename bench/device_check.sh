@@ -2,13 +2,16 @@
 # The device check: run from the repository root on a machine with a CUDA GPU
 # (no network needed; python3 there must have cupy, numpy, scipy, pytest,
 # hypothesis, and torch for the torch tests, the cuDNN yardstick and the
-# model timings). Under 8 minutes on one H200.
+# model timings). Under 8 minutes on one H200 before the captured model rows,
+# the capture tests and the layer breakdown were added; not yet timed with them
+# (torch.compile takes minutes; the step limits below add up to 31 minutes).
 #
 #   bash bench/device_check.sh RESULTS_DIR
 #
-# Writes to RESULTS_DIR (8 files): summary.md (machine, what passed, the
-# op, model and sweep tables, host cost per call), gpu_tests.log, sanitizer.log (memcheck and
-# racecheck), bench.log, ops.json (op timings), models.json (model timings),
+# Writes to RESULTS_DIR (9 files): summary.md (machine, what passed, the
+# op, model, layer-breakdown and sweep tables, host cost per call), gpu_tests.log, sanitizer.log (memcheck and
+# racecheck), bench.log, ops.json (op timings), models.json (model timings: eager,
+# CUDA-graph and torch.compile rows), breakdown.json (time per layer type),
 # sweeps.json and sweeps.png (scaling sweeps; the plot needs matplotlib).
 set -u
 out=${1:?usage: bash bench/device_check.sh RESULTS_DIR}
@@ -46,11 +49,12 @@ step() {  # step NAME LOG TIMEOUT CMD...: run, append to LOG, record pass/fail
 echo "| step | result | time |" > "$steps"
 echo "|---|---|---|" >> "$steps"
 
-step gpu_tests gpu_tests.log 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_torch_gpu.py
+step gpu_tests gpu_tests.log 360 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_torch_gpu.py tests/test_capture.py
 step memcheck sanitizer.log 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py
 step racecheck sanitizer.log 90 compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
 step bench_ops bench.log 150 python3 bench/bench_ops.py --device-check --out "$out/ops.json" --markdown "$tables/ops.md"
-step bench_models bench.log 120 python3 bench/bench_models.py --out "$out/models.json" --markdown "$tables/models.md"
+step bench_models bench.log 360 python3 bench/bench_models.py --out "$out/models.json" --markdown "$tables/models.md"
+step bench_breakdown bench.log 180 python3 bench/bench_breakdown.py --out "$out/breakdown.json" --markdown "$tables/breakdown.md"
 step host_profile bench.log 60 python3 bench/profile_host.py --calls 300 --out "$tables/host.txt"
 step bench_sweeps bench.log 150 python3 bench/bench_sweeps.py --out "$out/sweeps.json" --markdown "$tables/sweeps.md" --plot "$out/sweeps.png"
 
@@ -69,6 +73,8 @@ step bench_sweeps bench.log 150 python3 bench/bench_sweeps.py --out "$out/sweeps
   [ -f "$tables/ops.md" ] && cat "$tables/ops.md"
   echo
   [ -f "$tables/models.md" ] && cat "$tables/models.md"
+  echo
+  [ -f "$tables/breakdown.md" ] && cat "$tables/breakdown.md"
   echo
   [ -f "$tables/sweeps.md" ] && cat "$tables/sweeps.md"
   echo
