@@ -9,8 +9,9 @@ density direction) and ``inverse`` (sampling) is wrapped by a timer that
 synchronises the device before and after the call, and the time is booked
 *exclusively* to the layer's type (the coupling's network is its own row,
 not part of the coupling's).  "other" is the rest of the pass: drawing the
-latents, the prior, pre/post-processing, Python between layers.  Times are
-medians over runs of the per-pass total for each type.
+latents, the prior, pre/post-processing, Python between layers.  The
+breakdown is that of the fastest of the timed passes (on a shared machine the
+least disturbed one), and the ``pass`` rows are the fastest runs too.
 
 On a GPU the synchronisation per layer adds its own cost and removes the
 overlap of host and device work, so the breakdown tells which layers cost
@@ -103,7 +104,7 @@ def _model(preset, shape, device, seed=0):
     return model.eval()
 
 
-def _median_ms(fn, device, runs):
+def _fastest_ms(fn, device, runs):
     fn()
     _sync(device)
     times = []
@@ -112,7 +113,7 @@ def _median_ms(fn, device, runs):
         fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+    return float(np.min(times))
 
 
 def breakdown(preset, dataset, shape, device, runs):
@@ -123,8 +124,8 @@ def breakdown(preset, dataset, shape, device, runs):
               "density": lambda captured: model.log_prob(batch, captured=captured)}
     rows = []
     with torch.no_grad():
-        plain = {d: _median_ms(lambda: fn(False), device, runs) for d, fn in passes.items()}
-        captured = ({d: _median_ms(lambda: fn(True), device, runs) for d, fn in passes.items()}
+        plain = {d: _fastest_ms(lambda: fn(False), device, runs) for d, fn in passes.items()}
+        captured = ({d: _fastest_ms(lambda: fn(True), device, runs) for d, fn in passes.items()}
                     if device.type == "cuda" else {})
         timer = LayerTimer(device)
         timer.instrument(model)
@@ -140,18 +141,20 @@ def breakdown(preset, dataset, shape, device, runs):
                 _sync(device)
                 total = (time.perf_counter() - t0) * 1e3
                 layers = {row: ms * 1e3 for (d, row), ms in timer.totals.items() if d == direction}
-                for row, ms in layers.items():
-                    per_run[(direction, row)].append(ms)
+                for row in {row for (d, row) in timer.calls if d == direction}:
+                    per_run[(direction, row)].append(layers.get(row, 0.0))
                 per_run[(direction, OTHER)].append(total - sum(layers.values()))
                 per_run[(direction, "pass, timed per layer")].append(total)
     base = dict(model=preset, dataset=dataset, K=4 if preset != "snf-small" else 3,
                 L=2 if preset != "snf-small" else 3, batch=100, device=str(device))
     for direction in passes:
-        total = float(np.median(per_run[(direction, "pass, timed per layer")]))
+        totals = per_run[(direction, "pass, timed per layer")]
+        best = int(np.argmin(totals))
+        total = totals[best]
         for (d, row), values in per_run.items():
             if d != direction or row == "pass, timed per layer":
                 continue
-            ms = float(np.median(values))
+            ms = values[best]
             rows.append(dict(base, direction=direction, layer=row, ms=ms,
                              share=ms / total, calls_per_pass=timer.calls[(d, row)] // (runs + 1)
                              if row != OTHER else None))
@@ -168,8 +171,9 @@ def breakdown(preset, dataset, shape, device, runs):
 def markdown(rows, env):
     lines = [f"Measured {env['date']} on {env['device_name']} (torch {env['torch']}, "
              f"{env['threads']} thread(s)); batch 100, random weights with ActNorm initialised; "
-             "median ms per pass, exclusive time per layer type with a device sync around "
-             "each layer call (share of the per-layer-timed pass in brackets).", ""]
+             "ms per pass (the fastest of the runs), exclusive time per layer type with a "
+             "device sync around each layer call (share of the per-layer-timed pass in "
+             "brackets).", ""]
     keys = list(dict.fromkeys((r["dataset"], r["direction"]) for r in rows))
     for dataset, direction in keys:
         sel = [r for r in rows if r["dataset"] == dataset and r["direction"] == direction]

@@ -107,3 +107,23 @@ def test_readme_quotes_the_results_it_names():
     assert len(tables) == 3
     for table in tables:
         assert table in readme, table.splitlines()[2]
+
+
+def test_paper_tables_from_a_trained_run(tmp_path):
+    pytest.importorskip("torch")
+    runs = tmp_path / "runs"
+    cli.main(["train", "--model", "snf-small", "--max-steps", "2", "--epochs", "1",
+              "--batch-size", "50", "--limit-train", "100", "--limit-test", "50",
+              "--device", "cpu", "--out", str(runs / "snf-small")])
+    out, md = tmp_path / "tables.json", tmp_path / "tables.md"
+    stdout = run_script("paper_tables.py", runs, "--out", out, "--markdown", md)
+    assert "inverse-flow: no run" in stdout          # absent runs are named, not invented
+    row, = json.loads(out.read_text())["rows"]
+    metrics = json.loads((runs / "snf-small" / "metrics.json").read_text())
+    assert row["test_bpd"] == metrics["history"][-1]["test_bpd"]
+    assert row["steps"] == 2 and row["batch_size"] == 50 and row["test_images"] == 50
+    assert row["command"].startswith("invconv train --model snf-small --dataset mnist")
+    assert "--max-steps 2" in row["command"]
+    t = row["timing"]["eager"]
+    assert 0 < t["sampling_100"]["min_ms"] <= t["sampling_100"]["median_ms"]
+    assert "| Table 4 | snf-small |" in md.read_text()
