@@ -2,7 +2,8 @@
 
     python3 bench/bench_breakdown.py --out breakdown.json [--markdown breakdown.md] [--quick]
 
-For each preset (inverse-flow, finc-flow, glow, emerging, snf-small) at
+For each preset (inverse-flow, finc-flow, glow, emerging, snf-small,
+snf-small-emerging) at
 MNIST K = 4, L = 2 (and CIFAR-10 K = 4, L = 2 unless ``--quick``), batch 100,
 ActNorm initialised on a random batch: every flow layer's ``forward`` (the
 density direction) and ``inverse`` (sampling) is wrapped by a timer that
@@ -32,7 +33,8 @@ import torch
 from invconv import flows
 from invconv.torch import InvConv2d, MaskedConv2d
 
-PRESETS = ("inverse-flow", "finc-flow", "glow", "emerging", "snf-small")
+PRESETS = ("inverse-flow", "finc-flow", "glow", "emerging", "snf-small", "snf-small-emerging")
+NINE_LAYER = ("snf-small", "snf-small-emerging")   # fixed shape: K = 3, L = 3, no coupling
 CONFIGS = [("mnist", (1, 28, 28)), ("cifar10", (3, 32, 32))]
 # Layer classes whose calls are timed, with their row names.
 LAYERS = [(InvConv2d, "InvConv2d (k×k)"), (MaskedConv2d, "MaskedConv2d (k×k)"),
@@ -94,7 +96,7 @@ class LayerTimer:
 
 def _model(preset, shape, device, seed=0):
     torch.manual_seed(seed)
-    if preset == "snf-small":
+    if preset in NINE_LAYER:
         model = flows.build(preset, shape)
     else:
         model = flows.build(preset, shape, levels=2, steps=4, hidden=64)
@@ -145,8 +147,8 @@ def breakdown(preset, dataset, shape, device, runs):
                     per_run[(direction, row)].append(layers.get(row, 0.0))
                 per_run[(direction, OTHER)].append(total - sum(layers.values()))
                 per_run[(direction, "pass, timed per layer")].append(total)
-    base = dict(model=preset, dataset=dataset, K=4 if preset != "snf-small" else 3,
-                L=2 if preset != "snf-small" else 3, batch=100, device=str(device))
+    base = dict(model=preset, dataset=dataset, K=3 if preset in NINE_LAYER else 4,
+                L=3 if preset in NINE_LAYER else 2, batch=100, device=str(device))
     for direction in passes:
         totals = per_run[(direction, "pass, timed per layer")]
         best = int(np.argmin(totals))
@@ -181,7 +183,8 @@ def markdown(rows, env):
         order = [row for _, row in LAYERS] + [NETWORK, OTHER, "pass, timed per layer",
                                                "pass, eager", "pass, captured (CUDA graph)"]
         cell = {(r["model"], r["layer"]): r for r in sel}
-        lines += [f"**{dataset}, {direction}** ({'latent → image' if direction == 'sampling' else 'image → log-density'})",
+        what = "latent → image" if direction == "sampling" else "image → log-density"
+        lines += [f"**{dataset}, {direction}** ({what})",
                   "", "| layer type | " + " | ".join(models) + " |",
                   "|---|" + "---|" * len(models)]
         for row in order:

@@ -4,7 +4,8 @@
 
 For the inverse-flow, finc-flow, glow and emerging presets at the paper's
 MNIST (1x28x28) and CIFAR-10 (3x32x32) configurations (K = 4 and 16, L = 2,
-hidden 64) and the 9-layer snf-small (K = 3, L = 3, no coupling), with random
+hidden 64) and the 9-layer snf-small and snf-small-emerging (K = 3, L = 3, no
+coupling), with random
 weights and ActNorm initialised on a random batch, times sampling 100 images
 and the forward pass (log-density) of a batch of 100: mean and standard
 deviation over runs after warm-up, device-synchronised, with parameter
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from datetime import datetime, timezone
 
 import numpy as np
@@ -31,7 +33,8 @@ from invconv import flows
 
 CONFIGS = [("mnist", (1, 28, 28), 4), ("mnist", (1, 28, 28), 16),
            ("cifar10", (3, 32, 32), 4), ("cifar10", (3, 32, 32), 16)]
-PRESETS = ("inverse-flow", "finc-flow", "glow", "emerging", "snf-small")
+PRESETS = ("inverse-flow", "finc-flow", "glow", "emerging", "snf-small", "snf-small-emerging")
+NINE_LAYER = ("snf-small", "snf-small-emerging")   # fixed shape: K = 3, L = 3, no coupling
 
 
 def _time(fn, device, runs, warmup=2):
@@ -51,7 +54,7 @@ def _time(fn, device, runs, warmup=2):
 
 def _model(preset, shape, K, device):
     torch.manual_seed(0)
-    if preset == "snf-small":
+    if preset in NINE_LAYER:
         model = flows.build(preset, shape)
     else:
         model = flows.build(preset, shape, levels=2, steps=K, hidden=64)
@@ -79,7 +82,7 @@ def run(device, quick, methods, compile_presets):
         methods = ["eager"]          # nothing to capture off CUDA (the captured paths run eagerly)
     for dataset, shape, K in configs:
         for preset in PRESETS:
-            if preset == "snf-small" and K != 4:
+            if preset in NINE_LAYER and K != 4:
                 continue             # one fixed 9-layer model per dataset
             model = _model(preset, shape, K, device)
             batch = torch.rand(100, *shape, device=device)
@@ -88,26 +91,31 @@ def run(device, quick, methods, compile_presets):
                                             or (dataset, K) != ("mnist", 4)):
                     continue
                 captured = False if method == "eager" else method
-                diff = (None, None) if method == "eager" else _agreement(model, batch, method,
-                                                                         device)
-                with torch.no_grad():
-                    sample = _time(lambda: model.sample(100, captured=captured), device,
-                                   runs=2 if quick else 5)
-                    forward = _time(lambda: model.log_prob(batch, captured=captured), device,
-                                    runs=2 if quick else 10)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    diff = (None, None) if method == "eager" else _agreement(model, batch,
+                                                                             method, device)
+                    with torch.no_grad():
+                        sample = _time(lambda: model.sample(100, captured=captured), device,
+                                       runs=2 if quick else 5)
+                        forward = _time(lambda: model.log_prob(batch, captured=captured),
+                                        device, runs=2 if quick else 10)
+                # A capture that failed ran eagerly: the row says so.
+                fell_back = any("running eagerly" in str(w.message) for w in caught)
                 row = dict(model=preset, dataset=dataset,
-                           K=3 if preset == "snf-small" else K,
-                           L=3 if preset == "snf-small" else 2,
-                           hidden=None if preset == "snf-small" else 64, method=method,
+                           K=3 if preset in NINE_LAYER else K,
+                           L=3 if preset in NINE_LAYER else 2,
+                           hidden=None if preset in NINE_LAYER else 64, method=method,
                            parameters=sum(p.numel() for p in model.parameters()),
                            sampling_ms_100=sample[0], sampling_ms_std=sample[1],
                            forward_ms_batch100=forward[0], forward_ms_std=forward[1],
                            max_abs_diff_sample=diff[0], max_abs_diff_log_prob=diff[1],
-                           device=str(device))
+                           fell_back_to_eager=fell_back, device=str(device))
                 rows.append(row)
-                print(f"{dataset:8s} K={row['K']:2d} {preset:13s} {method:8s} sample "
+                print(f"{dataset:8s} K={row['K']:2d} {preset:18s} {method:8s} sample "
                       f"{sample[0]:9.2f} ms  forward {forward[0]:9.2f} ms  "
-                      f"params {row['parameters']}", flush=True)
+                      f"params {row['parameters']}"
+                      + ("  (capture failed: eager)" if fell_back else ""), flush=True)
     return rows
 
 
@@ -121,7 +129,8 @@ def markdown(rows, env):
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['dataset']} | {r['K']}, {r['L']} | {r['model']} | "
-                     f"{r['parameters']:,} | {r.get('method', 'eager')} | "
+                     f"{r['parameters']:,} | {r.get('method', 'eager')}"
+                     f"{' (failed: eager)' if r.get('fell_back_to_eager') else ''} | "
                      f"{r['sampling_ms_100']:.2f} ± {r['sampling_ms_std']:.2f} | "
                      f"{r['forward_ms_batch100']:.2f} ± {r['forward_ms_std']:.2f} |")
     return "\n".join(lines) + "\n"

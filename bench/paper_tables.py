@@ -1,4 +1,4 @@
-"""The paper's Tables 2 and 4 from trained runs: parameters, test bits/dim, sampling and forward time.
+"""The paper's Tables 2 and 4 from trained runs: parameters, bits/dim, sampling and forward time.
 
     python3 bench/paper_tables.py RUNS_DIR --out tables.json [--markdown tables.md] [--device cuda]
 
@@ -26,7 +26,7 @@ import torch
 from invconv import data, flows
 
 TABLES = {"Table 2 (MNIST, K = 4, L = 2)": ("inverse-flow", "finc-flow", "glow", "emerging"),
-          "Table 4 (9-layer MNIST flows)": ("snf-small",)}
+          "Table 4 (9-layer MNIST flows)": ("snf-small", "snf-small-emerging")}
 FLAGS = [("model", "--model"), ("dataset", "--dataset"), ("K", "-K"), ("L", "-L"),
          ("hidden", "--hidden"), ("kernel_size", "--kernel-size"), ("batch_size", "--batch-size"),
          ("epochs", "--epochs"), ("max_steps", "--max-steps"), ("lr", "--lr"), ("seed", "--seed"),

@@ -54,7 +54,7 @@ def test_model_timings_quick(tmp_path):
     run_script("bench_models.py", "--quick", "--out", out, "--device", "cpu")
     rows = json.loads(out.read_text())["rows"]
     assert {r["model"] for r in rows} == {"inverse-flow", "finc-flow", "glow", "emerging",
-                                          "snf-small"}
+                                          "snf-small", "snf-small-emerging"}
     assert all(r["sampling_ms_100"] > 0 and r["parameters"] > 0 for r in rows)
     assert {r["method"] for r in rows} == {"eager"}      # nothing is captured on the CPU
 

@@ -89,6 +89,7 @@ MODELS = {
     "glow": dict(steps=2, hidden=8),
     "snf-small": dict(),
     "emerging": dict(steps=2, hidden=8),
+    "snf-small-emerging": dict(),
 }
 
 

@@ -435,7 +435,8 @@ def _parser():
 
     t = sub.add_parser("train", help="train a flow")
     t.add_argument("--model", default="inverse-flow",
-                   choices=["inverse-flow", "finc-flow", "glow", "snf-small", "emerging"])
+                   choices=["inverse-flow", "finc-flow", "glow", "snf-small", "emerging",
+                            "snf-small-emerging"])
     t.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     t.add_argument("-K", type=int, default=4, help="flow steps per level (default 4)")
     t.add_argument("-L", type=int, default=2, help="levels (default 2)")

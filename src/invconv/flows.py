@@ -16,7 +16,8 @@ an affine coupling.  Presets: ``inverse-flow``, ``finc-flow`` (the same with
 (no k x k layer, no spline), ``emerging`` (Glow with the Emerging k x k
 convolution in place of the 1x1) and ``snf-small`` (the 9-layer MNIST flow of
 the paper's Table 4: 3 blocks of 3 x [3x3 inverse convolution + spline],
-squeeze between blocks).
+squeeze between blocks; ``snf-small-emerging`` the same with the Emerging
+convolution).
 
 Data handling and bits per dimension
 ------------------------------------
@@ -598,6 +599,15 @@ def _snf_small(shape, **kw):
                                  "squeeze_first": False, **kw})
 
 
+def _snf_small_emerging(shape, **kw):
+    """snf-small with the Emerging k x k convolution in place of the inverse convolution
+    (the "Emerging Conv." row of the paper's Table 4)."""
+    kw = {k: v for k, v in kw.items() if k in ("kernel_size", "logit")}
+    return InverseFlow(shape, **{"levels": 3, "steps": 3, "conv": "emerging", "spline": True,
+                                 "coupling": False, "split": False, "squeeze_first": False,
+                                 **kw})
+
+
 def _emerging(shape, **kw):
     """Glow's steps with the Emerging k x k convolution in place of the 1x1 (no spline)."""
     kw.pop("learn_diagonal", None)   # Emerging always learns its diagonals
@@ -605,7 +615,8 @@ def _emerging(shape, **kw):
 
 
 PRESETS = {"inverse-flow": _inverse_flow, "finc-flow": _finc_flow, "glow": _glow,
-           "snf-small": _snf_small, "emerging": _emerging}
+           "snf-small": _snf_small, "emerging": _emerging,
+           "snf-small-emerging": _snf_small_emerging}
 
 
 def build(name, input_shape, **kwargs):
