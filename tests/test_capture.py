@@ -138,6 +138,8 @@ def test_one_capture_per_key_and_static_buffers():
     assert calls["log_prob"].key((v1,)) != key
     out = model.log_prob(v1.double(), captured=True)
     assert out.dtype == torch.float64 and recorder.captured == 4
+    torch.testing.assert_close(out, model.log_prob(v1.double()), rtol=0, atol=0)
+    assert len(calls["log_prob"]._entries) == 1      # the float32 captures are dropped
 
 
 def test_capture_failure_warns_once_and_runs_eagerly():

@@ -29,7 +29,8 @@ change state that it reads (both make a replay differ from a call); in
 A replay reads the parameters at the addresses they had when captured:
 in-place updates (an optimiser step, ``load_state_dict``) are seen, and
 moving or re-creating them (``model.to``, ``model.double()``) changes the key,
-so the next call captures again.
+so the next call captures again (and the captures made with the old
+parameters are dropped).
 """
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ class CapturedCall:
         self.fn, self.method, self.state = fn, method, state
         self._recorder = _recorder or _GraphRecorder(warmup)
         self._entries = {}      # key -> _Entry, or None: this key runs eagerly
+        self._state_key = None  # the state's storage the entries were captured with
         self._compiled = None
         self._warned = False
         self.captures = 0       # how many keys were captured (for tests and benchmarks)
@@ -163,6 +165,11 @@ class CapturedCall:
         if self.method == "compile":
             return self._call_compiled(args)
         key = self.key(args)
+        if key[1] != self._state_key:
+            # Re-created parameters: the old captures would read freed memory
+            # and are never replayed again; drop them and their memory pools.
+            self._entries.clear()
+            self._state_key = key[1]
         if key not in self._entries:
             try:
                 self._entries[key] = _Entry(self._recorder, self.fn, args)
@@ -179,8 +186,8 @@ class CapturedCall:
         if self._compiled is False:
             return self._eager(args)
         try:
-            # Outputs of the previous replay may still be alive (we clone below,
-            # but the caller's step boundary is what graph trees need to know).
+            # Each call is a new step for CUDA graph trees: the outputs are
+            # cloned below, so the previous step's may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()
             out = self._compiled(*args)
         except Exception as exc:
