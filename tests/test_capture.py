@@ -195,3 +195,20 @@ def test_captured_equals_eager_on_cuda(name, method):
                 p.mul_(0.9)
         torch.testing.assert_close(model.log_prob(v, captured=True),
                                    model.log_prob(v).detach(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["inverse-flow", "emerging", "snf-small"])
+def test_passes_trace_as_one_graph(name):
+    # What method="compile" needs on CUDA: the passes trace without graph
+    # breaks (invconv's ops through their fake kernels) and the traced graph
+    # computes what eager does.  aot_eager traces like inductor, without
+    # generating code.
+    model = _model(name)
+    v = flows.dequantize(torch.randint(0, 256, (4, 1, 8, 8)), torch.Generator().manual_seed(2))
+    latents = [torch.randn(4, *s) for s in model.latent_shapes]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        lp = torch.compile(model._log_prob_eval, backend="aot_eager", fullgraph=True)(v)
+        x = torch.compile(model._decode_flat, backend="aot_eager", fullgraph=True)(*latents)
+        torch.testing.assert_close(lp, model.log_prob(v))
+        torch.testing.assert_close(x, model.decode(latents))
