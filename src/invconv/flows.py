@@ -129,10 +129,15 @@ class InvertibleConv1x1(nn.Module):
         self.upper = nn.Parameter(torch.triu(upper, 1))
         self.logs = nn.Parameter(torch.log(diag.abs()))
 
-    def weight(self):
+    def _factors(self):
+        """(L, U): unit lower- and upper-triangular, ``W = P L U``."""
         eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
         lower = self.lower * self.lower_mask + eye
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign * torch.exp(self.logs))
+        return lower, upper
+
+    def weight(self):
+        lower, upper = self._factors()
         return self.perm @ lower @ upper
 
     def _logdet(self, x):
@@ -146,9 +151,7 @@ class InvertibleConv1x1(nn.Module):
         # factorisation, and unlike torch.linalg.inv (which checks for
         # singularity on the host) free of device-host syncs, so it can be
         # captured in a CUDA graph.
-        eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
-        lower = self.lower * self.lower_mask + eye
-        upper = self.upper * self.lower_mask.T + torch.diag(self.sign * torch.exp(self.logs))
+        lower, upper = self._factors()
         w_inv = torch.linalg.solve_triangular(
             upper, torch.linalg.solve_triangular(lower, self.perm.T, upper=False,
                                                  unitriangular=True), upper=True)
