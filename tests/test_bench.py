@@ -78,8 +78,32 @@ def test_model_timings_quick(tmp_path):
     out = tmp_path / "models.json"
     run_script("bench_models.py", "--quick", "--out", out, "--device", "cpu")
     rows = json.loads(out.read_text())["rows"]
-    assert {r["model"] for r in rows} == {"inverse-flow", "finc-flow", "glow"}
+    assert {r["model"] for r in rows} == {"inverse-flow", "finc-flow", "glow", "emerging",
+                                          "snf-small", "snf-small-emerging"}
     assert all(r["sampling_ms_100"] > 0 and r["parameters"] > 0 for r in rows)
+    assert {r["method"] for r in rows} == {"eager"}      # nothing is captured on the CPU
+
+
+def test_layer_breakdown_quick(tmp_path):
+    pytest.importorskip("torch")
+    out, md = tmp_path / "breakdown.json", tmp_path / "breakdown.md"
+    run_script("bench_breakdown.py", "--quick", "--runs", "1", "--presets", "inverse-flow",
+               "emerging", "--out", out, "--markdown", md, "--device", "cpu")
+    rows = json.loads(out.read_text())["rows"]
+    for direction in ("sampling", "density"):
+        sel = {r["layer"]: r for r in rows if r["direction"] == direction
+               and r["model"] == "inverse-flow"}
+        assert {"InvConv2d (k×k)", "spline", "ActNorm", "1×1 conv", "coupling (affine)",
+                "coupling network", "split", "squeeze", "other"} <= sel.keys()
+        # Exclusive times: nested calls (the coupling's network) are not counted
+        # twice, so the layers never add up to more than the pass.
+        assert all(r["ms"] >= 0 for r in sel.values())
+        layers = sum(r["ms"] for name, r in sel.items() if not name.startswith(("pass", "other")))
+        assert layers <= sel["pass, timed per layer"]["ms"]
+        assert sel["InvConv2d (k×k)"]["calls_per_pass"] == 8
+    # An Emerging convolution's own masked convolutions are booked to it.
+    assert not any(r["layer"] == "MaskedConv2d (k×k)" for r in rows if r["model"] == "emerging")
+    assert "| layer type |" in md.read_text()
 
 
 def test_scaling_sweeps_quick(tmp_path):
@@ -109,3 +133,23 @@ def test_readme_quotes_the_results_it_names():
     assert len(tables) == 3
     for table in tables:
         assert table in readme, table.splitlines()[2]
+
+
+def test_paper_tables_from_a_trained_run(tmp_path):
+    pytest.importorskip("torch")
+    runs = tmp_path / "runs"
+    cli.main(["train", "--model", "snf-small", "--max-steps", "2", "--epochs", "1",
+              "--batch-size", "50", "--limit-train", "100", "--limit-test", "50",
+              "--device", "cpu", "--out", str(runs / "snf-small")])
+    out, md = tmp_path / "tables.json", tmp_path / "tables.md"
+    stdout = run_script("paper_tables.py", runs, "--out", out, "--markdown", md)
+    assert "inverse-flow: no run" in stdout          # absent runs are named, not invented
+    row, = json.loads(out.read_text())["rows"]
+    metrics = json.loads((runs / "snf-small" / "metrics.json").read_text())
+    assert row["test_bpd"] == metrics["history"][-1]["test_bpd"]
+    assert row["steps"] == 2 and row["batch_size"] == 50 and row["test_images"] == 50
+    assert row["command"].startswith("invconv train --model snf-small --dataset mnist")
+    assert "--max-steps 2" in row["command"]
+    t = row["timing"]["eager"]
+    assert 0 < t["sampling_100"]["min_ms"] <= t["sampling_100"]["median_ms"]
+    assert "| Table 4 | snf-small |" in md.read_text()

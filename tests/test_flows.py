@@ -43,6 +43,8 @@ def _layers():
         "spline": _randomise(flows.SplineActivation(4, bins=5, bound=2.0), scale=0.5),
         "split": _randomise(flows.Split(4)),
         "invconv": _randomise(InvConv2d(4, 2, learn_diagonal=True)),
+        "emerging": _randomise(flows.EmergingConv2d(4, 3)),
+        "emerging-k5": _randomise(flows.EmergingConv2d(4, 5), scale=0.05),
     }
 
 
@@ -86,6 +88,8 @@ MODELS = {
     "finc-flow": dict(steps=2, hidden=8, learn_diagonal=True),
     "glow": dict(steps=2, hidden=8),
     "snf-small": dict(),
+    "emerging": dict(steps=2, hidden=8),
+    "snf-small-emerging": dict(),
 }
 
 
@@ -152,3 +156,45 @@ def test_bad_shapes_are_refused():
         flows.InverseFlow((1, 6, 6), levels=2)
     with pytest.raises(ValueError, match="unknown model"):
         flows.build("realnvp", (1, 8, 8))
+
+
+def _masked_conv_by_torch(x, weight, corner):
+    """M x by torch's conv2d: pad on ``corner``'s sides, zero the taps the convention ignores."""
+    C, _, kh, kw = weight.shape
+    w = weight.clone()
+    u0 = kh - 1 if corner.startswith("top") else 0
+    v0 = kw - 1 if corner.endswith("left") else 0
+    w[:, :, u0, v0] = torch.tril(w[:, :, u0, v0])           # same pixel: lower-triangular
+    left = kw - 1 if corner.endswith("left") else 0
+    top = kh - 1 if corner.startswith("top") else 0
+    return torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, (left, kw - 1 - left, top, kh - 1 - top)), w)
+
+
+def test_emerging_is_two_masked_convolutions_around_a_channel_reversal():
+    torch.manual_seed(3)
+    layer = _randomise(flows.EmergingConv2d(3, 3), scale=0.3).double()
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    w1 = layer.first.effective_weight().detach()
+    w2 = layer.second.effective_weight().detach()
+    assert w1.shape == w2.shape == (3, 3, 2, 2)
+    expected = _masked_conv_by_torch(_masked_conv_by_torch(x, w1, "bottom-right").flip(1),
+                                     w2, "top-left").flip(1)
+    y, ld = layer(x)
+    torch.testing.assert_close(y, expected)
+    H, W = x.shape[2:]
+    logdet = H * W * (torch.log(torch.diagonal(w1[:, :, 0, 0]).abs()).sum()
+                      + torch.log(torch.diagonal(w2[:, :, 1, 1]).abs()).sum())
+    torch.testing.assert_close(ld, logdet.expand(2))
+    # The composed same-pixel map is a full C x C matrix (not triangular):
+    # every output channel of a pixel depends on every input channel there.
+    jac = torch.autograd.functional.jacobian(lambda t: layer(t)[0][0, :, 2, 3], x[:1])
+    assert bool((jac[:, 0, :, 2, 3].abs() > 1e-6).all())
+    # ... and its receptive field is the centred 3 x 3 window.
+    reach = (jac[0, 0].abs().sum(0) > 0).nonzero().tolist()
+    assert {(r, c) for r, c in reach} == {(r, c) for r in (1, 2, 3) for c in (2, 3, 4)}
+
+
+def test_emerging_refuses_even_kernels():
+    with pytest.raises(ValueError, match="kernel_size"):
+        flows.EmergingConv2d(4, 2)

@@ -220,3 +220,18 @@ def test_layer_accepts_valid_argument_forms(cls):
         assert layer.kernel_size == expected and layer.channels == 4
         assert layer.weight.shape == (4, 2, *expected)
         assert torch.all(layer.weight == 0)  # init_std=0: exactly the identity
+
+
+def test_results_are_contiguous_as_the_fake_kernels_say():
+    # torch.compile plans later views from the fake kernels' strides; the
+    # real ops must match them for a non-contiguous input too.
+    x = torch.randn(3, 2, 5, 6, dtype=torch.float64).transpose(0, 1)
+    w = 0.1 * torch.randn(3, 3, 2, 2, dtype=torch.float64)
+    for op in (it.conv2d, it.inv_conv2d):
+        real = op(x, w)
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = op(mode.from_tensor(x), mode.from_tensor(w))
+        assert real.is_contiguous() and fake.stride() == real.stride()
+        compiled = torch.compile(lambda a, b: op(a, b).view(-1), backend="aot_eager",
+                                 fullgraph=True)
+        torch.testing.assert_close(compiled(x, w), real.reshape(-1))

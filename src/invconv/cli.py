@@ -337,9 +337,9 @@ def evaluate(args):
     test_x, _ = _load_images(cfg["dataset"], "test", args.data_root, args.limit_test)
     bpd = _test_bpd(model, test_x, args.batch_size, device, seed=0)
     with torch.no_grad():
-        sample_ms = _time(lambda: model.sample(100), device, runs=5)
+        sample_ms = _time(lambda: model.sample(100, captured=True), device, runs=5)
         batch = dequantize(test_x[torch.arange(100) % len(test_x)]).to(device)
-        forward_ms = _time(lambda: model.log_prob(batch), device, runs=10)
+        forward_ms = _time(lambda: model.log_prob(batch, captured=True), device, runs=10)
     result = dict(checkpoint=args.checkpoint, model=cfg["model"], dataset=cfg["dataset"],
                   test_bpd=bpd, test_images=len(test_x),
                   parameters=sum(p.numel() for p in model.parameters()),
@@ -357,7 +357,7 @@ def sample(args):
     gen = torch.Generator(device=device).manual_seed(args.seed) if device.type == "cuda" else \
         torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
-        images = model.sample(args.n, temperature=args.temperature, generator=gen)
+        images = model.sample(args.n, temperature=args.temperature, generator=gen, captured=True)
     save_png(args.out, images.float().cpu().numpy())
     print(f"wrote {args.n} samples to {args.out}")
 
@@ -435,7 +435,8 @@ def _parser():
 
     t = sub.add_parser("train", help="train a flow")
     t.add_argument("--model", default="inverse-flow",
-                   choices=["inverse-flow", "finc-flow", "glow", "snf-small"])
+                   choices=["inverse-flow", "finc-flow", "glow", "snf-small", "emerging",
+                            "snf-small-emerging"])
     t.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     t.add_argument("-K", type=int, default=4, help="flow steps per level (default 4)")
     t.add_argument("-L", type=int, default=2, help="levels (default 2)")

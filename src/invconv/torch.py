@@ -102,7 +102,8 @@ def _run(method, images, weight, corner, groups, unit_diagonal, *extra):
     names = list(images)
     first = images[names[0]]
     if first.numel() == 0:
-        return torch.zeros_like(weight if method == "_weight_grad" else first)
+        like = weight if method == "_weight_grad" else first
+        return like.new_zeros(like.shape)    # contiguous, like every result (see _like_first)
     if first.is_cuda:
         import cupy
         # Every DLPack exchange and launch happens on torch's current stream,
@@ -183,12 +184,15 @@ def _register(fn, fake, vmap_rule):
     return op
 
 
+# The fake kernels must promise the strides the real ops deliver: contiguous
+# whatever the input's layout (empty_like would copy a non-contiguous input's
+# strides, and a compiled graph's later views of the result would then fail).
 def _like_first(first, *rest):
-    return torch.empty_like(first)
+    return first.new_empty(first.shape)
 
 
 def _like_weight(grad_out, x, weight, *rest):
-    return torch.empty_like(weight)
+    return weight.new_empty(weight.shape)
 
 
 def _unbatched_shape(t, bdim):
