@@ -36,7 +36,7 @@ def png_size(path):
 
 
 def params(path):
-    return torch.load(path, weights_only=False)["model"]
+    return torch.load(path, weights_only=True)["model"]
 
 
 def test_train_writes_checkpoint_metrics_and_samples(tmp_path):

@@ -450,6 +450,13 @@ class InverseFlow(nn.Module):
         return self.log_prob(v)
 
 
+def _refuse(preset, kw, **why):
+    """Raise when ``kw`` names an option the preset has no use for (``why[option]`` says why)."""
+    unused = [name for name in why if name in kw]
+    if unused:
+        raise ValueError(f"{preset}: {unused[0]}= does not apply ({why[unused[0]]})")
+
+
 def _inverse_flow(shape, **kw):
     return InverseFlow(shape, **{"conv": "inverse", **kw})
 
@@ -459,13 +466,18 @@ def _finc_flow(shape, **kw):
 
 
 def _glow(shape, **kw):
-    kw.pop("kernel_size", None)
+    _refuse("glow", kw, kernel_size="glow has no k x k layer",
+            learn_diagonal="glow has no k x k layer")
     return InverseFlow(shape, **{"conv": None, "spline": False, **kw})
 
 
 def _snf_small(shape, **kw):
-    """3 blocks x 3 x [3x3 inverse conv + spline (5 bins, bound 10)], squeeze between blocks."""
-    kw = {k: v for k, v in kw.items() if k in ("kernel_size", "logit", "learn_diagonal")}
+    """3 blocks x 3 x [3x3 inverse conv + spline (5 bins, bound 10)], squeeze between blocks.
+
+    ``levels`` (blocks), ``steps`` (layers per block), ``kernel_size``,
+    ``logit`` and ``learn_diagonal`` (default True here) override the paper's values.
+    """
+    _refuse("snf-small", kw, hidden="snf-small has no coupling layers")
     return InverseFlow(shape, **{"levels": 3, "steps": 3, "conv": "inverse", "spline": True,
                                  "coupling": False, "learn_diagonal": True, "split": False,
                                  "squeeze_first": False, **kw})
@@ -476,7 +488,13 @@ PRESETS = {"inverse-flow": _inverse_flow, "finc-flow": _finc_flow, "glow": _glow
 
 
 def build(name, input_shape, **kwargs):
-    """A preset model by name (see :data:`PRESETS`)."""
+    """A preset model by name (see :data:`PRESETS`).
+
+    ``kwargs`` are :class:`InverseFlow` options; those not given keep the
+    preset's own values, and one the preset has no use for (``hidden`` for
+    ``snf-small``, ``kernel_size`` or ``learn_diagonal`` for ``glow``) is a
+    ``ValueError`` naming it.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name](tuple(input_shape), **kwargs)
