@@ -51,6 +51,8 @@ CHECKPOINT_EVERY = 200
 # they must agree with the run.
 RUN_DEFAULTS = dict(model="inverse-flow", dataset="mnist", batch_size=100, lr=1e-3,
                     lr_decay_epochs=None, clip=100.0, seed=0, limit_train=None)
+# Taken from the run on --resume when not given, but free to change.
+KEPT_ON_RESUME = dict(limit_test=None, temperature=0.7, data_root=None)
 # Model options: InverseFlow keyword -> (dest, flag).  Not given, each preset
 # keeps its own value.
 MODEL_OPTIONS = {"steps": ("K", "-K"), "levels": ("L", "-L"), "hidden": ("hidden", "--hidden"),
@@ -66,9 +68,10 @@ class UsageError(Exception):
     """A mistake in a command's options or files: one line on stderr, exit status 2."""
 
 
-def _one_line(exc):
+def _one_line(exc, limit=200):
+    """An exception's message on one line, cut to ``limit`` characters (None: uncut)."""
     text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:197] + "..."
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------
@@ -358,21 +361,21 @@ def _model_kwargs(args):
 
 
 def _run_options(args, recorded):
-    """The run-defining options: given, else the recorded run's, else the defaults.
+    """The run's options: given, else the recorded run's, else the defaults.
 
     ``recorded`` is the ``run`` dict of the checkpoint being resumed, or None.
     Returns ``(options, differing)``, ``differing`` naming each given option
-    that disagrees with the recorded run as ``(flag, recorded, given)``.
+    of :data:`RUN_DEFAULTS` that disagrees with the recorded run as
+    ``(flag, recorded, given)``.
     """
     options, differing = {}, []
-    for dest, default in RUN_DEFAULTS.items():
+    for dest, default in {**RUN_DEFAULTS, **KEPT_ON_RESUME}.items():
         given = getattr(args, dest)
-        if recorded is not None and dest in recorded:
-            if given is not None and given != recorded[dest]:
-                differing.append((_flag(dest), recorded[dest], given))
-            options[dest] = recorded[dest]
-        else:
-            options[dest] = default if given is None else given
+        kept = recorded is not None and dest in recorded
+        value = given if given is not None else recorded[dest] if kept else default
+        if kept and dest in RUN_DEFAULTS and value != recorded[dest]:
+            differing.append((_flag(dest), recorded[dest], value))
+        options[dest] = value
     if options["lr_decay_epochs"] is None:   # the paper's schedule
         options["lr_decay_epochs"] = 25 if options["dataset"] == "cifar10" else 50
     return options, differing
@@ -445,8 +448,8 @@ def _train(args, path, device, stop_request):
     torch.manual_seed(run["seed"])
     np.random.seed(run["seed"])
 
-    train_x, _ = _load_images(run["dataset"], "train", args.data_root, run["limit_train"])
-    test_x, _ = _load_images(run["dataset"], "test", args.data_root, args.limit_test)
+    train_x, _ = _load_images(run["dataset"], "train", run["data_root"], run["limit_train"])
+    test_x, _ = _load_images(run["dataset"], "test", run["data_root"], run["limit_test"])
     shape = tuple(train_x.shape[1:])
     dims = math.prod(shape)
     model = _build_model(run["model"], shape, kwargs, "train")
@@ -583,7 +586,7 @@ def _train(args, path, device, stop_request):
         checkpoint()
         if main:
             with torch.no_grad():
-                samples = model.sample(64, temperature=args.temperature,
+                samples = model.sample(64, temperature=run["temperature"],
                                        generator=_generator(device, run["seed"]))
             save_png(os.path.join(args.out, SAMPLES), samples.float().cpu().numpy())
     if dist.active:   # lets a launcher (and the tests) check that the ranks agree
@@ -788,7 +791,7 @@ def _parser():
     t = sub.add_parser("train", help="train a flow", **kw, description=(
         "Train a flow; checkpoint, metrics.json and samples.png go to --out. Options marked * "
         "define the run: with --resume they default to the run's own values and, when given, "
-        "must agree with them."))
+        "must agree with them; those marked + default to the run's values too but may change."))
     t.add_argument("--model", default=None, choices=["inverse-flow", "finc-flow", "glow",
                                                      "snf-small"],
                    help="* preset (default: inverse-flow)")
@@ -818,8 +821,8 @@ def _parser():
                         "(default: 50, 25 for cifar10: the paper's schedule)")
     t.add_argument("--clip", type=POSITIVE_FLOAT, default=None,
                    help="* gradient-norm clipping threshold (default: 100)")
-    t.add_argument("--temperature", type=_float_in(0.0, low_open=False), default=0.7,
-                   help="of the sample grid")
+    t.add_argument("--temperature", type=_float_in(0.0, low_open=False), default=None,
+                   help="+ of the sample grid (default: 0.7)")
     t.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     t.add_argument("--seed", type=NON_NEGATIVE, default=None, help="* random seed (default: 0)")
@@ -838,9 +841,9 @@ def _parser():
     t.add_argument("--limit-train", type=POSITIVE, default=None, metavar="N",
                    help="* use the first N training images (default: all)")
     t.add_argument("--limit-test", type=POSITIVE, default=None, metavar="N",
-                   help="use the first N test images (default: all)")
+                   help="+ use the first N test images (default: all)")
     t.add_argument("--data-root", default=None,
-                   help="dataset directory (default: see invconv.data)")
+                   help="+ dataset directory (default: see invconv.data)")
     t.set_defaults(func=train)
 
     e = sub.add_parser("evaluate", help="test bits/dim, parameters, sampling and forward time",
@@ -904,7 +907,7 @@ def main(argv=None):
     try:
         args.func(args)
     except (UsageError, data.DatasetMissing) as exc:
-        print(f"invconv {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"invconv {args.command}: error: {_one_line(exc, None)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     except KeyboardInterrupt:
         print(f"\ninvconv {args.command}: aborted", file=sys.stderr)
