@@ -181,11 +181,13 @@ def test_resume_with_other_options_names_them(tiny_run, tmp_path, capsys):
     shutil.copytree(tiny_run[0], run)
     before = (run / "checkpoint.pt").read_bytes()
     with pytest.raises(SystemExit) as exc:
-        cli.main(["train", *TINY, "-K", "2", "--batch-size", "20", "--out", str(run), "--resume"])
+        cli.main(["train", *TINY, "-K", "2", "--batch-size", "20", "--model", "glow",
+                  "--limit-test", "10", "--out", str(run), "--resume"])
     assert exc.value.code == cli.EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "has --batch-size 50, -K 1" in err[0] and "gives --batch-size 20, -K 2" in err[0]
+    assert "has --model inverse-flow, --batch-size 50, -K 1;" in err[0]
+    assert "gives --model glow, --batch-size 20, -K 2 (" in err[0]
     assert (run / "checkpoint.pt").read_bytes() == before
 
 
@@ -195,6 +197,11 @@ def test_overwrite_starts_a_new_run(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", *TINY, "--max-steps", "1", "--out", str(run)])
     assert "already holds a run" in capsys.readouterr().err
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit):   # a mistake found before training keeps the old run
+        cli.main(["train", *TINY, "-L", "5", "--out", str(run), "--overwrite"])
+    assert "divisible" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before
     cli.main(["train", *TINY, "--max-steps", "1", "--out", str(run), "--overwrite"])
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert [h["global_step"] for h in history] == [1]

@@ -361,9 +361,10 @@ def _model_kwargs(args):
 
 
 def _run_options(args, recorded):
-    """The run's options: given, else the recorded run's, else the defaults.
+    """The run's options: the recorded run's (on resume), else given, else the defaults.
 
-    ``recorded`` is the ``run`` dict of the checkpoint being resumed, or None.
+    ``recorded`` is the ``run`` dict of the checkpoint being resumed, or None;
+    a given option of :data:`KEPT_ON_RESUME` replaces the recorded one.
     Returns ``(options, differing)``, ``differing`` naming each given option
     of :data:`RUN_DEFAULTS` that disagrees with the recorded run as
     ``(flag, recorded, given)``.
@@ -372,10 +373,10 @@ def _run_options(args, recorded):
     for dest, default in {**RUN_DEFAULTS, **KEPT_ON_RESUME}.items():
         given = getattr(args, dest)
         kept = recorded is not None and dest in recorded
-        value = given if given is not None else recorded[dest] if kept else default
-        if kept and dest in RUN_DEFAULTS and value != recorded[dest]:
-            differing.append((_flag(dest), recorded[dest], value))
-        options[dest] = value
+        if kept and dest in RUN_DEFAULTS and given is not None and given != recorded[dest]:
+            differing.append((_flag(dest), recorded[dest], given))
+        options[dest] = (recorded[dest] if kept and (given is None or dest in RUN_DEFAULTS)
+                         else default if given is None else given)
     if options["lr_decay_epochs"] is None:   # the paper's schedule
         options["lr_decay_epochs"] = 25 if options["dataset"] == "cifar10" else 50
     return options, differing
@@ -441,10 +442,6 @@ def _train(args, path, device, stop_request):
 
     dist = _Dist(device)
     main = dist.rank == 0
-    if args.overwrite and main:
-        for name in (CHECKPOINT, METRICS, SAMPLES):
-            if os.path.exists(os.path.join(args.out, name)):
-                os.remove(os.path.join(args.out, name))
     torch.manual_seed(run["seed"])
     np.random.seed(run["seed"])
 
@@ -484,6 +481,10 @@ def _train(args, path, device, stop_request):
                              f"processes, this one {dist.world}")
         noise.set_state(ckpt["noise_state"][dist.rank].cpu())
         state = ckpt["state"]
+    if args.overwrite and main:   # only now: a mistake found above keeps the old run
+        for name in (CHECKPOINT, METRICS, SAMPLES):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
     if main:
         what = (f"resuming at epoch {state['epoch'] + 1} step {state['step_in_epoch']} "
                 f"(global step {state['global_step']})" if ckpt is not None else "training")
