@@ -285,3 +285,14 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys, monkeypatch):
                   "--out", str(tmp_path / "run")])
     assert exc.value.code == 2
     assert "CIFAR-10" in capsys.readouterr().err
+
+
+def test_weights_that_do_not_fit_their_config_are_a_one_line_error(tiny_run, tmp_path, capsys):
+    ckpt = torch.load(tiny_run[0] / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["kwargs"]["steps"] = 2
+    torch.save(ckpt, tmp_path / "edited.pt")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["evaluate", "--checkpoint", str(tmp_path / "edited.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == cli.EXIT_USAGE and len(err) == 1
+    assert "do not fit the model its config describes" in err[0]

@@ -234,3 +234,25 @@ def test_help_exits_zero(capsys):
             cli.main(argv)
         assert exc.value.code == 0
     assert "--checkpoint-every" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------
+# checkpoints of earlier versions
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    # Format 1 recorded every model option the CLI had, also those the preset
+    # ignored: an snf-small run was 3 x 3 layers whatever -K and -L said, and
+    # the CLI's default turned its learned diagonal off.
+    from invconv import flows
+    model = flows.InverseFlow((1, 8, 8), levels=3, steps=3, conv="inverse", spline=True,
+                              coupling=False, learn_diagonal=False, split=False,
+                              squeeze_first=False)
+    kwargs = dict(levels=2, steps=4, hidden=64, kernel_size=3, logit=None,
+                  learn_diagonal=False)
+    torch.save(dict(model=model.state_dict(), config=dict(
+        model="snf-small", dataset="mnist", input_shape=(1, 8, 8), kwargs=kwargs)),
+        tmp_path / "old.pt")
+    loaded, _ = cli._load_checkpoint(str(tmp_path / "old.pt"), torch.device("cpu"))
+    assert loaded.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
