@@ -252,7 +252,8 @@ def _read_checkpoint(path, device, option):
     """The dict in an invconv training checkpoint (a directory means its checkpoint.pt).
 
     Read with ``torch.load(weights_only=True)``: only tensors, numbers,
-    strings, lists, tuples and dicts are rebuilt, nothing is called.  Any
+    strings, lists, tuples and dicts are rebuilt, by torch's allow-listed
+    functions, and no other code runs.  Any
     problem is a :class:`UsageError` naming ``option``.  Returns ``(ckpt, path)``.
     """
     import torch
