@@ -593,8 +593,11 @@ def _train(args, path, device, stop_request):
             save_png(os.path.join(args.out, SAMPLES), samples.float().cpu().numpy())
     if dist.active:   # lets a launcher (and the tests) check that the ranks agree
         flat = torch.cat([p.detach().double().reshape(-1).cpu() for p in model.parameters()])
-        print(f"rank {dist.rank} parameter checksum {float(flat.sum()):.12e} "
-              f"{float(flat.abs().sum()):.12e}", flush=True)
+        # One write per line: the ranks share stdout, and print() writes the
+        # newline separately when Python runs unbuffered.
+        sys.stdout.write(f"rank {dist.rank} parameter checksum {float(flat.sum()):.12e} "
+                         f"{float(flat.abs().sum()):.12e}\n")
+        sys.stdout.flush()
     dist.barrier()
     dist.close()
     if main and state["history"]:
