@@ -296,3 +296,11 @@ def test_weights_that_do_not_fit_their_config_are_a_one_line_error(tiny_run, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == cli.EXIT_USAGE and len(err) == 1
     assert "do not fit the model its config describes" in err[0]
+
+
+def test_classify_batch_larger_than_the_data_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["classify", "--limit-train", "50", "--batch-size", "100"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == cli.EXIT_USAGE and len(err) == 1
+    assert "--batch-size 100 is larger than the 50" in err[0]
