@@ -64,7 +64,7 @@ def _times(fn, device, runs, warmup=2):
 
 
 def measure(run_dir, device, test_images):
-    ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
     cfg = ckpt["config"]
     model = flows.build(cfg["model"], cfg["input_shape"], **cfg["kwargs"]).to(device)
     model.load_state_dict(ckpt["model"])

@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from invconv import flows  # noqa: E402
-from invconv.torch import InvConv2d  # noqa: E402
+from invconv.torch import InvConv2d, MaskedConv2d  # noqa: E402
 
 
 def _randomise(module, scale=0.1, seed=0):
@@ -198,3 +198,40 @@ def test_emerging_is_two_masked_convolutions_around_a_channel_reversal():
 def test_emerging_refuses_even_kernels():
     with pytest.raises(ValueError, match="kernel_size"):
         flows.EmergingConv2d(4, 2)
+
+
+def _k_by_k_layers(model):
+    return [m for m in model.modules() if isinstance(m, (InvConv2d, MaskedConv2d))]
+
+
+def test_presets_keep_their_defaults_and_honour_given_options():
+    snf = flows.build("snf-small", (1, 8, 8))
+    layers = _k_by_k_layers(snf)
+    assert len(layers) == 9 and all(layer.learn_diagonal for layer in layers)   # Table 4
+    assert not any(isinstance(m, flows.AffineCoupling) for m in snf.modules())
+    snf = flows.build("snf-small", (1, 8, 8), levels=2, steps=1, learn_diagonal=False,
+                      kernel_size=2)
+    layers = _k_by_k_layers(snf)
+    assert len(layers) == 2 and not any(layer.learn_diagonal for layer in layers)
+    assert {layer.kernel_size for layer in layers} == {(2, 2)}
+    flow = flows.build("inverse-flow", (1, 8, 8), levels=1, steps=3, hidden=5)
+    assert len(_k_by_k_layers(flow)) == 3
+    couplings = [m for m in flow.modules() if isinstance(m, flows.AffineCoupling)]
+    assert len(couplings) == 3 and {c.net[0].out_channels for c in couplings} == {5}
+    finc = flows.build("finc-flow", (1, 8, 8), levels=2, steps=1)
+    assert [type(m) for m in _k_by_k_layers(finc)] == [MaskedConv2d] * 2
+    snf_em = flows.build("snf-small-emerging", (1, 8, 8), levels=2, steps=1)
+    assert len([m for m in snf_em.modules() if isinstance(m, flows.EmergingConv2d)]) == 2
+    glow = flows.build("glow", (1, 8, 8), levels=1, steps=2, hidden=6)
+    assert _k_by_k_layers(glow) == []
+    assert len([m for m in glow.modules() if isinstance(m, flows.AffineCoupling)]) == 2
+
+
+@pytest.mark.parametrize("name, option", [("snf-small", "hidden"), ("glow", "kernel_size"),
+                                          ("glow", "learn_diagonal"),
+                                          ("emerging", "learn_diagonal"),
+                                          ("snf-small-emerging", "hidden"),
+                                          ("snf-small-emerging", "learn_diagonal")])
+def test_presets_refuse_options_they_have_no_use_for(name, option):
+    with pytest.raises(ValueError, match=f"{name}: {option}="):
+        flows.build(name, (1, 8, 8), **{option: 3 if option != "learn_diagonal" else True})

@@ -10,9 +10,14 @@
 Training is deterministic given ``--seed``: the data order of epoch e comes
 from ``seed + e``, the dequantisation noise from a generator whose state is
 checkpointed, so ``--resume`` continues exactly where the checkpoint was taken.
-Checkpoints are written atomically after every epoch (and when ``--max-steps``
-ends a run); a non-finite loss stops training with exit status 3 and leaves
-the last good checkpoint in place.
+Checkpoints are written atomically every ``--checkpoint-every`` steps, after
+every epoch, when ``--max-steps`` ends a run and when SIGINT or SIGTERM stops
+one (exit status 130).  A non-finite loss stops training with exit status 3
+and leaves the last good checkpoint in place.  A checkpoint holds only
+tensors, numbers, strings, lists and dicts and is read with
+``torch.load(weights_only=True)``, so loading one never runs code.
+
+A mistake in the options or files is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -20,15 +25,53 @@ import argparse
 import json
 import math
 import os
+import pickle
+import signal
 import struct
 import sys
+import threading
 import time
 import zlib
 
 import numpy as np
 
+from . import __version__
+
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2
+METRICS = "metrics.json"
+SAMPLES = "samples.png"
+EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+CHECKPOINT_EVERY = 200
+
+# Options that define a training run (``dest`` names).  Not given, they take
+# these values, or with ``--resume`` the run's own; given with ``--resume``,
+# they must agree with the run.
+RUN_DEFAULTS = dict(model="inverse-flow", dataset="mnist", batch_size=100, lr=1e-3,
+                    lr_decay_epochs=None, clip=100.0, seed=0, limit_train=None)
+# Taken from the run on --resume when not given, but free to change.
+KEPT_ON_RESUME = dict(limit_test=None, temperature=0.7, data_root=None)
+# Model options: InverseFlow keyword -> (dest, flag).  Not given, each preset
+# keeps its own value.
+MODEL_OPTIONS = {"steps": ("K", "-K"), "levels": ("L", "-L"), "hidden": ("hidden", "--hidden"),
+                 "kernel_size": ("kernel_size", "--kernel-size"),
+                 "learn_diagonal": ("learn_diagonal", "--learn-diagonal"),
+                 "logit": ("logit", "--logit")}
+# Format 1 checkpoints recorded every model option, also those their preset ignored.
+_FORMAT1_IGNORED = {"snf-small": ("levels", "steps", "hidden"),
+                    "glow": ("kernel_size", "learn_diagonal")}
+
+
+class UsageError(Exception):
+    """A mistake in a command's options or files: one line on stderr, exit status 2."""
+
+
+def _one_line(exc, limit=200):
+    """An exception's message on one line, cut to ``limit`` characters (None: uncut)."""
+    text = " ".join(str(exc).split())
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------
@@ -101,10 +144,29 @@ def _atomic_json(obj, path):
 
 
 def _device(name):
+    """``--device`` as a torch.device (default: cuda if available), checked to exist."""
     import torch
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name}: {_one_line(exc)}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: torch sees no CUDA device here "
+                             f"(torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} "
+                             f"CUDA devices (0..{torch.cuda.device_count() - 1})")
+    return device
+
+
+def _generator(device, seed):
+    """A generator seeded with ``seed`` on ``device``: torch draws only from a generator
+    on the device the numbers are drawn on."""
+    import torch
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _sync(device):
@@ -121,8 +183,19 @@ class _Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.active = self.world > 1
+        self.device = device
         if self.active and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def any(self, flag):
+        """Whether ``flag`` is true on any rank (every rank must call this)."""
+        if not self.active:
+            return bool(flag)
+        import torch
+        import torch.distributed as dist
+        t = torch.tensor([int(bool(flag))], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def barrier(self):
         if self.active:
@@ -133,6 +206,128 @@ class _Dist:
         if self.active:
             import torch.distributed as dist
             dist.destroy_process_group()
+
+
+class _StopRequest:
+    """Turns the first SIGINT or SIGTERM into a request to stop at the next step.
+
+    A second one gets the previous handler (for SIGINT: KeyboardInterrupt, an
+    immediate stop).  Handlers can only be set in the main thread; elsewhere
+    this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce=True):
+        self.signum, self.announce, self.previous = None, announce, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])
+        if self.announce:   # os.write: print() may be in the middle of writing stderr
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and writing "
+                        f"a checkpoint (again to abort)\n".encode())
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+        return False
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else None
+
+
+# --------------------------------------------------------------------------
+# checkpoints
+
+
+def _read_checkpoint(path, device, option):
+    """The dict in an invconv training checkpoint (a directory means its checkpoint.pt).
+
+    Read with ``torch.load(weights_only=True)``: only tensors, numbers,
+    strings, lists, tuples and dicts are rebuilt, by torch's allow-listed
+    functions, and no other code runs.  Any
+    problem is a :class:`UsageError` naming ``option``.  Returns ``(ckpt, path)``.
+    """
+    import torch
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, CHECKPOINT)):
+            raise UsageError(f"{option} {path}: a directory without {CHECKPOINT}")
+        path = os.path.join(path, CHECKPOINT)
+    if not os.path.exists(path):
+        raise UsageError(f"{option} {path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot be read ({exc.strerror})") from None
+    if not head:
+        raise UsageError(f"{option} {path}: the file is empty")
+    if head != b"PK\x03\x04":   # torch.save writes a zip archive
+        raise UsageError(f"{option} {path}: not a checkpoint (not a file written by torch.save)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise UsageError(f"{option} {path}: refused: it holds objects other than tensors, "
+                             f"numbers, strings, lists and dicts, and loading those could run "
+                             f"code") from None
+        raise UsageError(f"{option} {path}: damaged ({_one_line(exc)})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as exc:
+        raise UsageError(f"{option} {path}: truncated or damaged ({_one_line(exc)})") from None
+    cfg = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not (isinstance(cfg, dict) and isinstance(ckpt.get("model"), dict)
+            and all(k in cfg for k in ("model", "dataset", "input_shape", "kwargs"))):
+        kind = (f"a dict with keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict)
+                else f"a {type(ckpt).__name__}")
+        raise UsageError(f"{option} {path}: not an invconv training checkpoint ({kind}; "
+                         f"expected the {CHECKPOINT} that invconv train writes)")
+    return ckpt, path
+
+
+def _recorded_kwargs(ckpt):
+    """The model options a checkpoint's model was built with (explicit ones only)."""
+    cfg = ckpt["config"]
+    kwargs = dict(cfg["kwargs"])
+    if ckpt.get("format", 1) < 2:
+        for name in _FORMAT1_IGNORED.get(cfg["model"], ()):
+            kwargs.pop(name, None)
+    return kwargs
+
+
+def _build_model(name, shape, kwargs, what):
+    from . import flows
+    try:
+        return flows.build(name, shape, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{what}: cannot build --model {name} for input {tuple(shape)}: "
+                         f"{_one_line(exc)}") from None
+
+
+def _load_weights(model, state_dict, path):
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path}: its weights do not fit the model its config describes "
+                         f"({_one_line(exc)})") from None
+
+
+def _load_checkpoint(path, device, option="--checkpoint"):
+    """The model of a training checkpoint, in eval mode, and its config."""
+    ckpt, path = _read_checkpoint(path, device, option)
+    cfg = ckpt["config"]
+    model = _build_model(cfg["model"], cfg["input_shape"], _recorded_kwargs(ckpt), path)
+    model = model.to(device)
+    _load_weights(model, ckpt["model"], path)
+    model.eval()
+    return model, cfg
 
 
 # --------------------------------------------------------------------------
@@ -161,9 +356,43 @@ def _test_bpd(model, images, batch_size, device, seed):
 
 
 def _model_kwargs(args):
-    kw = dict(levels=args.L, steps=args.K, hidden=args.hidden, kernel_size=args.kernel_size,
-              logit=args.logit, learn_diagonal=args.learn_diagonal)
-    return kw
+    """The model options given on the command line (the preset supplies the others)."""
+    return {key: getattr(args, dest) for key, (dest, _) in MODEL_OPTIONS.items()
+            if getattr(args, dest, None) is not None}
+
+
+def _run_options(args, recorded):
+    """The run's options: the recorded run's (on resume), else given, else the defaults.
+
+    ``recorded`` is the ``run`` dict of the checkpoint being resumed, or None;
+    a given option of :data:`KEPT_ON_RESUME` replaces the recorded one.
+    Returns ``(options, differing)``, ``differing`` naming each given option
+    of :data:`RUN_DEFAULTS` that disagrees with the recorded run as
+    ``(flag, recorded, given)``.
+    """
+    options, differing = {}, []
+    for dest, default in {**RUN_DEFAULTS, **KEPT_ON_RESUME}.items():
+        given = getattr(args, dest)
+        kept = recorded is not None and dest in recorded
+        if kept and dest in RUN_DEFAULTS and given is not None and given != recorded[dest]:
+            differing.append((_flag(dest), recorded[dest], given))
+        options[dest] = (recorded[dest] if kept and (given is None or dest in RUN_DEFAULTS)
+                         else default if given is None else given)
+    if options["lr_decay_epochs"] is None:   # the paper's schedule
+        options["lr_decay_epochs"] = 25 if options["dataset"] == "cifar10" else 50
+    return options, differing
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def _architecture(model, kwargs):
+    """Every model option's value as built (the preset's where not given)."""
+    config = getattr(model, "config", None)
+    resolved = dict(config) if isinstance(config, dict) else {}
+    resolved.update(kwargs)
+    return {key: resolved.get(key) for key in MODEL_OPTIONS}
 
 
 def _load_images(name, split, root, limit):
@@ -175,49 +404,100 @@ def _load_images(name, split, root, limit):
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(np.asarray(labels))
 
 
+def _prepare_out(args):
+    """Check ``--out`` against ``--resume``/``--overwrite``; returns the checkpoint path."""
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: a file, not a directory")
+    path = os.path.join(out, CHECKPOINT)
+    used = [name for name in (CHECKPOINT, METRICS) if os.path.exists(os.path.join(out, name))]
+    if args.resume and not os.path.isfile(path):
+        raise UsageError(f"--resume: there is no {path} to continue (leave out --resume "
+                         f"to start a new run)")
+    if used and not (args.resume or args.overwrite):
+        raise UsageError(f"--out {out} already holds a run ({', '.join(used)}); add --resume "
+                         f"to continue it or --overwrite to replace it")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
+    return path
+
+
 def train(args):
+    path = _prepare_out(args)
+    device = _device(args.device)
+    with _StopRequest(announce=int(os.environ.get("RANK", "0")) == 0) as stop_request:
+        _train(args, path, device, stop_request)
+
+
+def _train(args, path, device, stop_request):
     import torch
     from . import flows
 
-    device = _device(args.device)
+    ckpt = _read_checkpoint(path, device, "--resume")[0] if args.resume else None
+    recorded = ckpt["config"].get("run") if ckpt is not None else None
+    run, differing = _run_options(args, recorded)
+    given_kwargs = _model_kwargs(args)
+    kwargs = _recorded_kwargs(ckpt) if ckpt is not None else given_kwargs
+
     dist = _Dist(device)
     main = dist.rank == 0
-    os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
+    torch.manual_seed(run["seed"])
+    np.random.seed(run["seed"])
 
-    train_x, _ = _load_images(args.dataset, "train", args.data_root, args.limit_train)
-    test_x, _ = _load_images(args.dataset, "test", args.data_root, args.limit_test)
+    train_x, _ = _load_images(run["dataset"], "train", run["data_root"], run["limit_train"])
+    test_x, _ = _load_images(run["dataset"], "test", run["data_root"], run["limit_test"])
     shape = tuple(train_x.shape[1:])
     dims = math.prod(shape)
-    model = flows.build(args.model, shape, **_model_kwargs(args)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    decay = args.lr_decay_epochs or (25 if args.dataset == "cifar10" else 50)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay, gamma=0.1)
-    noise = torch.Generator().manual_seed(args.seed * 1000 + dist.rank)
+    model = _build_model(run["model"], shape, kwargs, "train")
+    architecture = _architecture(model, kwargs)
+    if ckpt is not None:
+        differing += [(MODEL_OPTIONS[key][1], architecture[key], value)
+                      for key, value in given_kwargs.items() if value != architecture[key]]
+        if differing:
+            raise UsageError(
+                f"--resume: the run in {args.out} has "
+                + ", ".join(f"{flag} {old}" for flag, old, _ in differing)
+                + "; this command gives " + ", ".join(f"{flag} {new}" for flag, _, new in differing)
+                + " (leave those options out to continue the run, or use --overwrite)")
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=run["lr"])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=run["lr_decay_epochs"],
+                                                gamma=0.1)
+    noise = torch.Generator().manual_seed(run["seed"] * 1000 + dist.rank)
     state = dict(epoch=0, step_in_epoch=0, global_step=0, history=[])
 
-    path = os.path.join(args.out, CHECKPOINT)
-    if args.resume and os.path.exists(path):
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
+    per_rank = len(train_x) // dist.world
+    steps_per_epoch = per_rank // run["batch_size"]
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {run['batch_size']} is larger than the {per_rank} "
+                         f"training images per process")
+    if ckpt is not None:
+        _load_weights(model, ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        noise.set_state(ckpt["noise_state"][dist.rank])
+        if len(ckpt["noise_state"]) != dist.world:
+            raise UsageError(f"--resume: the run in {args.out} used {len(ckpt['noise_state'])} "
+                             f"processes, this one {dist.world}")
+        noise.set_state(ckpt["noise_state"][dist.rank].cpu())
         state = ckpt["state"]
-        if main:
-            print(f"resumed from {path} at epoch {state['epoch']} step {state['global_step']}")
+    if args.overwrite and main:   # only now: a mistake found above keeps the old run
+        for name in (CHECKPOINT, METRICS, SAMPLES):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+    if main:
+        what = (f"resuming at epoch {state['epoch'] + 1} step {state['step_in_epoch']} "
+                f"(global step {state['global_step']})" if ckpt is not None else "training")
+        print(f"{what}: {run['model']} on {run['dataset']} ({len(train_x)} images, "
+              f"{steps_per_epoch} steps/epoch) on {device}; run directory "
+              f"{os.path.abspath(args.out)}", flush=True)
 
     net = model
     if dist.active:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    per_rank = len(train_x) // dist.world
-    steps_per_epoch = per_rank // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"--batch-size {args.batch_size} is larger than the {per_rank} "
-                         f"training images per process")
     fault_at = int(os.environ.get("INVCONV_FAULT_AT_STEP", "0"))  # testing aid: simulate a crash
 
     def checkpoint():
@@ -227,26 +507,44 @@ def train(args):
             torch.distributed.all_gather_object(gathered, noise.get_state())
             noise_states = gathered
         if main:
-            _atomic_torch_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+            config = dict(model=run["model"], dataset=run["dataset"], input_shape=list(shape),
+                          kwargs=kwargs, architecture=architecture, run=run)
+            _atomic_torch_save(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(),
+                                    optimizer=optimizer.state_dict(),
                                     scheduler=scheduler.state_dict(), noise_state=noise_states,
-                                    state=state, config=dict(model=args.model, dataset=args.dataset,
-                                                             input_shape=shape,
-                                                             kwargs=_model_kwargs(args))),
-                               path)
-            _atomic_json(dict(config={k: v for k, v in vars(args).items() if k != "func"},
-                              history=state["history"],
-                              world_size=dist.world), os.path.join(args.out, "metrics.json"))
+                                    state=state, config=config), path)
+            options = {k: v for k, v in vars(args).items() if k != "func"}
+            _atomic_json(dict(config={**options, **run, "architecture": architecture},
+                              history=state["history"], world_size=dist.world),
+                         os.path.join(args.out, METRICS))
 
-    stop = False
-    while state["epoch"] < args.epochs and not stop:
+    def reached_max_steps():
+        return bool(args.max_steps) and state["global_step"] >= args.max_steps
+
+    while state["epoch"] < args.epochs and not reached_max_steps():
         epoch = state["epoch"]
-        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed + epoch))
+        order = torch.randperm(len(train_x),
+                               generator=torch.Generator().manual_seed(run["seed"] + epoch))
         order = order[:per_rank * dist.world][dist.rank::dist.world]
-        progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", enabled=main)
+        first = state["step_in_epoch"]
+        last = steps_per_epoch
+        if args.max_steps:
+            last = min(last, first + args.max_steps - state["global_step"])
+        progress = Progress(last, f"epoch {epoch + 1}/{args.epochs}", enabled=main)
         t0, seen, loss = time.perf_counter(), 0, None
         model.train()
-        for step in range(state["step_in_epoch"], steps_per_epoch):
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+        for step in range(first, steps_per_epoch):
+            if dist.any(stop_request.signum is not None):
+                progress.close()
+                checkpoint()
+                if main:
+                    print(f"interrupted ({stop_request.name or 'signal on another rank'}) at "
+                          f"epoch {epoch + 1} step {step}/{steps_per_epoch} (global step "
+                          f"{state['global_step']}); checkpoint written to {path}; continue "
+                          f"with the same command and --resume", file=sys.stderr, flush=True)
+                dist.close()
+                raise SystemExit(EXIT_INTERRUPTED)
+            idx = order[step * run["batch_size"]:(step + 1) * run["batch_size"]]
             v = flows.dequantize(train_x[idx], generator=noise).to(device)
             loss = _bpd_from_log_prob(net(v), dims).mean()
             if not torch.isfinite(loss):
@@ -258,7 +556,7 @@ def train(args):
                 raise SystemExit(EXIT_DIVERGED)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run["clip"])
             optimizer.step()
             state["global_step"] += 1
             state["step_in_epoch"] = step + 1
@@ -267,15 +565,17 @@ def train(args):
                 os._exit(137)
             progress.update(step + 1, bpd=loss.item(), grad_norm=grad_norm.item(),
                             img_per_s=seen / (time.perf_counter() - t0))
-            if args.max_steps and state["global_step"] >= args.max_steps:
-                stop = True
+            if reached_max_steps():
                 break
+            if (args.checkpoint_every and state["global_step"] % args.checkpoint_every == 0
+                    and step + 1 < steps_per_epoch):   # the epoch's end writes one anyway
+                checkpoint()
         progress.close()
         if state["step_in_epoch"] >= steps_per_epoch:
             state["epoch"] += 1
             state["step_in_epoch"] = 0
             scheduler.step()
-        test_bpd = _test_bpd(model, test_x, args.batch_size, device, args.seed)
+        test_bpd = _test_bpd(model, test_x, run["batch_size"], device, run["seed"])
         record = dict(epoch=epoch + 1, global_step=state["global_step"], test_bpd=test_bpd,
                       train_bpd=None if loss is None else loss.item(),
                       lr=optimizer.param_groups[0]["lr"],
@@ -288,32 +588,25 @@ def train(args):
         checkpoint()
         if main:
             with torch.no_grad():
-                samples = model.sample(64, temperature=args.temperature,
-                                       generator=torch.Generator().manual_seed(args.seed))
-            save_png(os.path.join(args.out, "samples.png"), samples.float().cpu().numpy())
+                samples = model.sample(64, temperature=run["temperature"],
+                                       generator=_generator(device, run["seed"]))
+            save_png(os.path.join(args.out, SAMPLES), samples.float().cpu().numpy())
     if dist.active:   # lets a launcher (and the tests) check that the ranks agree
         flat = torch.cat([p.detach().double().reshape(-1).cpu() for p in model.parameters()])
-        print(f"rank {dist.rank} parameter checksum {float(flat.sum()):.12e} "
-              f"{float(flat.abs().sum()):.12e}", flush=True)
+        # One write per line: the ranks share stdout, and print() writes the
+        # newline separately when Python runs unbuffered.
+        sys.stdout.write(f"rank {dist.rank} parameter checksum {float(flat.sum()):.12e} "
+                         f"{float(flat.abs().sum()):.12e}\n")
+        sys.stdout.flush()
     dist.barrier()
     dist.close()
     if main and state["history"]:
-        print(f"final test bits/dim {state['history'][-1]['test_bpd']:.4f}")
+        print(f"final test bits/dim {state['history'][-1]['test_bpd']:.4f}; run directory "
+              f"{os.path.abspath(args.out)}")
 
 
 # --------------------------------------------------------------------------
 # evaluate / sample
-
-
-def _load_checkpoint(path, device):
-    import torch
-    from . import flows
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    cfg = ckpt["config"]
-    model = flows.build(cfg["model"], cfg["input_shape"], **cfg["kwargs"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, cfg
 
 
 def _time(fn, device, runs, warmup=2):
@@ -350,15 +643,27 @@ def evaluate(args):
     return result
 
 
+def _check_output_file(path, option="--out"):
+    """A file path whose directory exists and which is not itself a directory."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: a directory; give the path of the file to write")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{option} {path}: the directory {directory} does not exist")
+
+
 def sample(args):
     import torch
+    _check_output_file(args.out)
     device = _device(args.device)
     model, _ = _load_checkpoint(args.checkpoint, device)
-    gen = torch.Generator(device=device).manual_seed(args.seed) if device.type == "cuda" else \
-        torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
-        images = model.sample(args.n, temperature=args.temperature, generator=gen, captured=True)
-    save_png(args.out, images.float().cpu().numpy())
+        images = model.sample(args.n, temperature=args.temperature,
+                              generator=_generator(device, args.seed), captured=True)
+    try:
+        save_png(args.out, images.float().cpu().numpy())
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: cannot write ({exc.strerror})") from None
     print(f"wrote {args.n} samples to {args.out}")
 
 
@@ -391,6 +696,9 @@ def classify(args):
         torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
+    if len(train_x) < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(train_x)} "
+                         f"training images")
     for epoch in range(args.epochs):
         order = torch.randperm(len(train_x), generator=gen)
         model.train()
@@ -429,68 +737,162 @@ def _accuracy(model, x, y, device, batch=1000):
 # main
 
 
-def _parser():
-    p = argparse.ArgumentParser(prog="invconv", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage mistake as one line (no usage block) with exit status 2."""
 
-    t = sub.add_parser("train", help="train a flow")
-    t.add_argument("--model", default="inverse-flow",
-                   choices=["inverse-flow", "finc-flow", "glow", "snf-small", "emerging",
-                            "snf-small-emerging"])
-    t.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
-    t.add_argument("-K", type=int, default=4, help="flow steps per level (default 4)")
-    t.add_argument("-L", type=int, default=2, help="levels (default 2)")
-    t.add_argument("--hidden", type=int, default=64, help="coupling channels (default 64)")
-    t.add_argument("--kernel-size", type=int, default=3)
-    t.add_argument("--learn-diagonal", action="store_true",
-                   help="learn the k x k layers' diagonal (default: unit, volume preserving)")
-    t.add_argument("--logit", type=float, default=None, metavar="ALPHA",
-                   help="logit pre-processing with this alpha (default: none)")
-    t.add_argument("--batch-size", type=int, default=100)
-    t.add_argument("--epochs", type=int, default=100)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--lr-decay-epochs", type=int, default=None,
-                   help="divide the learning rate by 10 every this many epochs "
-                        "(default 50, 25 for cifar10: the paper's schedule)")
-    t.add_argument("--clip", type=float, default=100.0, help="gradient-norm clipping threshold")
-    t.add_argument("--temperature", type=float, default=0.7, help="of the sample grid")
-    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", required=True, help="directory for checkpoint, metrics and samples")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    t.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
-    t.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
-    t.add_argument("--data-root", default=None, help="dataset directory (see invconv.data)")
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` unless the help says it already or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.required:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _at_least(low):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _float_in(low, high=math.inf, *, low_open=True, high_open=True):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = ((value > low if low_open else value >= low)
+              and (value < high if high_open else value <= high))
+        if not ok or math.isnan(value):
+            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in {lo}{low:g}, {high:g}{hi}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE = _at_least(1)
+NON_NEGATIVE = _at_least(0)
+POSITIVE_FLOAT = _float_in(0.0)
+
+
+def _parser():
+    p = _Parser(prog="invconv", description=__doc__.split("\n\n")[0],
+                formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    kw = dict(formatter_class=_HelpFormatter)
+
+    t = sub.add_parser("train", help="train a flow", **kw, description=(
+        "Train a flow; checkpoint, metrics.json and samples.png go to --out. Options marked * "
+        "define the run: with --resume they default to the run's own values and, when given, "
+        "must agree with them; those marked + default to the run's values too but may change."))
+    t.add_argument("--model", default=None, choices=["inverse-flow", "finc-flow", "glow",
+                                                     "snf-small", "emerging", "snf-small-emerging"],
+                   help="* preset (default: inverse-flow)")
+    t.add_argument("--dataset", default=None, choices=["mnist", "fashion-mnist", "cifar10"],
+                   help="* training data (default: mnist)")
+    t.add_argument("-K", type=POSITIVE, default=None,
+                   help="* flow steps per level (default: 4; snf-small: 3)")
+    t.add_argument("-L", type=POSITIVE, default=None,
+                   help="* levels (default: 2; snf-small: 3)")
+    t.add_argument("--hidden", type=POSITIVE, default=None,
+                   help="* channels of the coupling networks (default: 64; "
+                        "not for snf-small, which has no couplings)")
+    t.add_argument("--kernel-size", type=POSITIVE, default=None,
+                   help="* size of the k x k masked convolution (default: 3; not for glow)")
+    t.add_argument("--learn-diagonal", action=argparse.BooleanOptionalAction, default=None,
+                   help="* learn the k x k layers' diagonal (default: off, volume preserving; "
+                        "on for snf-small)")
+    t.add_argument("--logit", type=_float_in(0.0, 0.5), default=None, metavar="ALPHA",
+                   help="* logit pre-processing with this alpha in (0, 0.5) (default: none)")
+    t.add_argument("--batch-size", type=POSITIVE, default=None,
+                   help="* images per step and process (default: 100)")
+    t.add_argument("--epochs", type=POSITIVE, default=100, help="epochs in all")
+    t.add_argument("--lr", type=POSITIVE_FLOAT, default=None,
+                   help="* Adam learning rate (default: 0.001)")
+    t.add_argument("--lr-decay-epochs", type=POSITIVE, default=None,
+                   help="* divide the learning rate by 10 every this many epochs "
+                        "(default: 50, 25 for cifar10: the paper's schedule)")
+    t.add_argument("--clip", type=POSITIVE_FLOAT, default=None,
+                   help="* gradient-norm clipping threshold (default: 100)")
+    t.add_argument("--temperature", type=_float_in(0.0, low_open=False), default=None,
+                   help="+ of the sample grid (default: 0.7)")
+    t.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    t.add_argument("--seed", type=NON_NEGATIVE, default=None, help="* random seed (default: 0)")
+    t.add_argument("--out", required=True, metavar="DIR",
+                   help="run directory for checkpoint, metrics and samples (created if missing)")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help=f"continue the run in DIR from its {CHECKPOINT}")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a DIR that holds one, deleting it")
+    t.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=CHECKPOINT_EVERY,
+                   metavar="STEPS", help="also write a checkpoint every this many steps "
+                                         "(0: only at epoch ends)")
+    t.add_argument("--max-steps", type=POSITIVE, default=None,
+                   help="stop after this many optimizer steps in all (default: no limit)")
+    t.add_argument("--limit-train", type=POSITIVE, default=None, metavar="N",
+                   help="* use the first N training images (default: all)")
+    t.add_argument("--limit-test", type=POSITIVE, default=None, metavar="N",
+                   help="+ use the first N test images (default: all)")
+    t.add_argument("--data-root", default=None,
+                   help="+ dataset directory (default: see invconv.data)")
     t.set_defaults(func=train)
 
-    e = sub.add_parser("evaluate", help="test bits/dim, parameters, sampling and forward time")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--batch-size", type=int, default=100)
-    e.add_argument("--limit-test", type=int, default=None)
-    e.add_argument("--device", default=None)
-    e.add_argument("--data-root", default=None)
+    e = sub.add_parser("evaluate", help="test bits/dim, parameters, sampling and forward time",
+                       **kw)
+    e.add_argument("--checkpoint", required=True,
+                   help=f"a {CHECKPOINT} written by invconv train, or its run directory")
+    e.add_argument("--batch-size", type=POSITIVE, default=100, help="test images per batch")
+    e.add_argument("--limit-test", type=POSITIVE, default=None, metavar="N",
+                   help="use the first N test images (default: all)")
+    e.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    e.add_argument("--data-root", default=None,
+                   help="dataset directory (default: see invconv.data)")
     e.set_defaults(func=evaluate)
 
-    s = sub.add_parser("sample", help="write a grid of samples as PNG")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default=None)
+    s = sub.add_parser("sample", help="write a grid of samples as PNG", **kw)
+    s.add_argument("--checkpoint", required=True,
+                   help=f"a {CHECKPOINT} written by invconv train, or its run directory")
+    s.add_argument("--n", type=POSITIVE, default=64, help="number of samples")
+    s.add_argument("--temperature", type=_float_in(0.0, low_open=False), default=0.7,
+                   help="standard deviation of the latents")
+    s.add_argument("--out", required=True, metavar="PNG",
+                   help="the image to write (its directory must exist)")
+    s.add_argument("--seed", type=NON_NEGATIVE, default=0, help="of the latents")
+    s.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     s.set_defaults(func=sample)
 
-    c = sub.add_parser("classify", help="the paper's 2 inverse-conv + 1 FC MNIST classifier")
-    c.add_argument("--epochs", type=int, default=5)
-    c.add_argument("--batch-size", type=int, default=100)
-    c.add_argument("--lr", type=float, default=1e-3)
-    c.add_argument("--activation", default="none", choices=["none", "relu", "tanh"])
-    c.add_argument("--limit-train", type=int, default=None)
-    c.add_argument("--limit-test", type=int, default=None)
-    c.add_argument("--device", default=None)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--data-root", default=None)
+    c = sub.add_parser("classify", help="the paper's 2 inverse-conv + 1 FC MNIST classifier",
+                       **kw)
+    c.add_argument("--epochs", type=POSITIVE, default=5, help="epochs in all")
+    c.add_argument("--batch-size", type=POSITIVE, default=100, help="images per step")
+    c.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="Adam learning rate")
+    c.add_argument("--activation", default="none", choices=["none", "relu", "tanh"],
+                   help="after each inverse convolution")
+    c.add_argument("--limit-train", type=POSITIVE, default=None, metavar="N",
+                   help="use the first N training images (default: all)")
+    c.add_argument("--limit-test", type=POSITIVE, default=None, metavar="N",
+                   help="use the first N test images (default: all)")
+    c.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    c.add_argument("--seed", type=NON_NEGATIVE, default=0, help="of the initialisation and order")
+    c.add_argument("--data-root", default=None,
+                   help="dataset directory (default: see invconv.data)")
     c.set_defaults(func=classify)
     # Listed for --help; main() hands its arguments to invconv.benchmarks.
     sub.add_parser("bench", add_help=False,
@@ -499,6 +901,7 @@ def _parser():
 
 
 def main(argv=None):
+    """Run the command line; returns 0 or raises SystemExit with the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         from . import benchmarks
@@ -508,11 +911,14 @@ def main(argv=None):
     from . import data
     try:
         args.func(args)
-    except data.DatasetMissing as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+    except (UsageError, data.DatasetMissing) as exc:
+        print(f"invconv {args.command}: error: {_one_line(exc, None)}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        print(f"\ninvconv {args.command}: aborted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -581,6 +581,13 @@ class InverseFlow(nn.Module):
         return self.log_prob(v)
 
 
+def _refuse(preset, kw, **why):
+    """Raise when ``kw`` names an option the preset has no use for (``why[option]`` says why)."""
+    unused = [name for name in why if name in kw]
+    if unused:
+        raise ValueError(f"{preset}: {unused[0]}= does not apply ({why[unused[0]]})")
+
+
 def _inverse_flow(shape, **kw):
     return InverseFlow(shape, **{"conv": "inverse", **kw})
 
@@ -590,13 +597,18 @@ def _finc_flow(shape, **kw):
 
 
 def _glow(shape, **kw):
-    kw.pop("kernel_size", None)
+    _refuse("glow", kw, kernel_size="glow has no k x k layer",
+            learn_diagonal="glow has no k x k layer")
     return InverseFlow(shape, **{"conv": None, "spline": False, **kw})
 
 
 def _snf_small(shape, **kw):
-    """3 blocks x 3 x [3x3 inverse conv + spline (5 bins, bound 10)], squeeze between blocks."""
-    kw = {k: v for k, v in kw.items() if k in ("kernel_size", "logit", "learn_diagonal")}
+    """3 blocks x 3 x [3x3 inverse conv + spline (5 bins, bound 10)], squeeze between blocks.
+
+    ``levels`` (blocks), ``steps`` (layers per block), ``kernel_size``,
+    ``logit`` and ``learn_diagonal`` (default True here) override the paper's values.
+    """
+    _refuse("snf-small", kw, hidden="snf-small has no coupling layers")
     return InverseFlow(shape, **{"levels": 3, "steps": 3, "conv": "inverse", "spline": True,
                                  "coupling": False, "learn_diagonal": True, "split": False,
                                  "squeeze_first": False, **kw})
@@ -605,7 +617,8 @@ def _snf_small(shape, **kw):
 def _snf_small_emerging(shape, **kw):
     """snf-small with the Emerging k x k convolution in place of the inverse convolution
     (the "Emerging Conv." row of the paper's Table 4)."""
-    kw = {k: v for k, v in kw.items() if k in ("kernel_size", "logit")}
+    _refuse("snf-small-emerging", kw, hidden="snf-small-emerging has no coupling layers",
+            learn_diagonal="Emerging always learns its diagonals")
     return InverseFlow(shape, **{"levels": 3, "steps": 3, "conv": "emerging", "spline": True,
                                  "coupling": False, "split": False, "squeeze_first": False,
                                  **kw})
@@ -613,7 +626,7 @@ def _snf_small_emerging(shape, **kw):
 
 def _emerging(shape, **kw):
     """Glow's steps with the Emerging k x k convolution in place of the 1x1 (no spline)."""
-    kw.pop("learn_diagonal", None)   # Emerging always learns its diagonals
+    _refuse("emerging", kw, learn_diagonal="Emerging always learns its diagonals")
     return InverseFlow(shape, **{"conv": "emerging", "spline": False, **kw})
 
 
@@ -623,7 +636,14 @@ PRESETS = {"inverse-flow": _inverse_flow, "finc-flow": _finc_flow, "glow": _glow
 
 
 def build(name, input_shape, **kwargs):
-    """A preset model by name (see :data:`PRESETS`)."""
+    """A preset model by name (see :data:`PRESETS`).
+
+    ``kwargs`` are :class:`InverseFlow` options; those not given keep the
+    preset's own values, and one the preset has no use for (``hidden`` for
+    ``snf-small`` and ``snf-small-emerging``, ``kernel_size`` or
+    ``learn_diagonal`` for ``glow``, ``learn_diagonal`` for the Emerging
+    presets, which always learn it) is a ``ValueError`` naming it.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name](tuple(input_shape), **kwargs)
