@@ -1,0 +1,329 @@
+"""Backend "cpu": the masked convolution and its inverse with NumPy and BLAS only.
+
+Everything is computed in the input dtype, with no SciPy and no compiler.
+
+Orientation.  Every op is reduced to one canonical case: the image is viewed
+flipped (a view, no copy) so that the operator reads only up and to the left,
+``(M x)[h, w] = sum_{du, dv} A[du, dv] @ x[h - du, w - dv]`` with C x C blocks
+``A`` (block-diagonal over groups, the masking rules applied).  The adjoints
+are the same computations on the image flipped the other way with every block
+transposed.
+
+Convolution and weight gradient.  im2col then one GEMM: the kh*kw shifted
+copies of the (zero-padded) input are stacked into a (kh*kw*C, pixels)
+matrix, ``y = [A_00 ... A_(kh-1)(kw-1)] @ Z`` and ``grad_W = g @ Z^T``; the
+im2col matrix is built in chunks of images (or rows of one image) so the
+scratch stays below ``_IM2COL_ELEMENTS`` or one image's worth.
+
+Inverse.  The image is cut into Th x Tw pixel tiles, walked by anti-diagonals
+of tiles (every tile of a diagonal depends only on earlier diagonals).  For
+one tile, with its pixels' unknowns ``x_P`` and the already solved pixels
+around it ``x_H`` (kh-1 rows above, kw-1 columns to the left),
+``A_PP x_P + A_PH x_H = y_P``, so ``x_P = A_PP^-1 y_P - A_PP^-1 A_PH x_H``:
+the inverse of the tile's own (triangular) block is folded into the taps, in
+float64, once per call.  The solution buffer starts out holding ``y``, so one
+wavefront step is: gather the tiles' (Th+kh-1) x (Tw+kw-1) windows (a
+``np.take``), one GEMM with the folded (Th*Tw*C, window*C) operator for all
+tiles and images of the diagonal, and a scatter of the results.  Gather and
+scatter indices depend only on (H, W, kh, kw, Th, Tw), are built once and
+kept in a bounded LRU cache (``_PLAN_ENTRIES`` plans, ``_PLAN_BYTES`` bytes)
+under a lock; a call's scratch is its own, so calls from several threads are
+independent.
+
+Tile rule (measured on the project's 2-core x86 machine, one thread,
+float32, k = 3, 2026-11-29, see ``_tile``): a tile trades extra flops (the
+window is larger than the tile, and the folded operator is dense) for fewer,
+wider GEMMs and fewer wavefront steps.  Wide channels already fill the GEMM:
+1 x 1 tiles from 16 channels up.  At few channels the step count and the
+per-step Python/gather cost dominate, and rows of pixels win: tiles
+(1, min(W, 32 // C)) rounded to the image.  See ``_tile`` for the table.
+
+NaN and Inf.  A folded operator and a padded window multiply every entry of
+the window, so one non-finite value would turn into NaN on outputs that do
+not depend on it (``0 * Inf``).  So each call first checks its inputs (the
+images and the weight entries it reads) with ``np.isfinite``; if any is not
+finite, that call is computed by the SciPy reference instead, whose sparse
+structure sends NaN/Inf exactly to the outputs that depend on them.  With
+finite inputs, a solution that overflows mid-solve may show NaN where the
+reference shows +-Inf.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+
+import numpy as np
+
+from ._api import Conv, effective_weight
+
+_IM2COL_ELEMENTS = 1 << 22      # im2col chunk bound (elements), unless one image row block needs more
+_PLAN_ENTRIES = 32              # plan cache bound: entries ...
+_PLAN_BYTES = 256 << 20         # ... and bytes of index arrays
+
+
+# --------------------------------------------------------------------------
+# orientation and blocks
+
+
+def _flip(a, rows: bool, cols: bool):
+    """View of a (..., H, W) array with the chosen axes reversed."""
+    return a[..., ::-1 if rows else 1, ::-1 if cols else 1]
+
+
+def _blocks(weight, conv: Conv, adjoint: bool):
+    """(kh, kw, C, C) offset-form blocks A[du, dv] in the input dtype, and the
+    flips that make the (adjoint) operator read up-left.
+
+    Forward: pixel (h, w) reads (h - rs*du, w - cs*dv) with block A[du, dv];
+    flipping the axes whose sign is -1 makes it read (h - du, w - dv).  The
+    adjoint reads (h + rs*du, w + cs*dv) with A^T: flip the other axes.
+    """
+    C, cg, kh, kw = weight.shape
+    weff = effective_weight(weight, conv)
+    if conv.row_sign > 0:
+        weff = weff[:, :, ::-1, :]
+    if conv.col_sign > 0:
+        weff = weff[:, :, :, ::-1]
+    blocks = np.zeros((kh, kw, C, C), dtype=weight.dtype)
+    for g in range(conv.groups):
+        s = slice(g * cg, (g + 1) * cg)
+        blocks[:, :, s, s] = weff[s].transpose(2, 3, 0, 1)
+    if adjoint:
+        blocks = np.ascontiguousarray(blocks.transpose(0, 1, 3, 2))
+        return blocks, conv.row_sign > 0, conv.col_sign > 0
+    return blocks, conv.row_sign < 0, conv.col_sign < 0
+
+
+# --------------------------------------------------------------------------
+# convolution and weight gradient: im2col + one GEMM
+
+
+def _chunks(B, C, H, W, taps):
+    """(b0, b1, r0, r1) pieces of the image stack whose im2col fits the bound."""
+    per_row = taps * C * W
+    rows = max(1, _IM2COL_ELEMENTS // per_row)
+    if rows >= H:
+        images = max(1, rows // H)
+        for b0 in range(0, B, images):
+            yield b0, min(B, b0 + images), 0, H
+    else:
+        for b in range(B):
+            for r0 in range(0, H, rows):
+                yield b, b + 1, r0, min(H, r0 + rows)
+
+
+def _im2col(xpad, kh, kw, b0, b1, r0, r1, W):
+    """(kh*kw*C, nb*nr*W): row (du, dv, c) holds x[b, c, h - du, w - dv]."""
+    C = xpad.shape[1]
+    z = np.empty((kh, kw, C, b1 - b0, r1 - r0, W), dtype=xpad.dtype)
+    for du in range(kh):
+        for dv in range(kw):
+            z[du, dv] = xpad[b0:b1, :, r0 + kh - 1 - du:r1 + kh - 1 - du,
+                             kw - 1 - dv:kw - 1 - dv + W].transpose(1, 0, 2, 3)
+    return z.reshape(kh * kw * C, -1)
+
+
+def _pad_canonical(x, kh, kw):
+    B, C, H, W = x.shape
+    xpad = np.zeros((B, C, H + kh - 1, W + kw - 1), dtype=x.dtype)
+    xpad[:, :, kh - 1:, kw - 1:] = x
+    return xpad
+
+
+def _apply(x, blocks, flip_rows, flip_cols):
+    """sum_{du,dv} A[du,dv] @ x[h-du, w-dv] on the flipped view; returned unflipped."""
+    B, C, H, W = x.shape
+    kh, kw = blocks.shape[:2]
+    xpad = _pad_canonical(_flip(x, flip_rows, flip_cols), kh, kw)
+    a = blocks.transpose(2, 0, 1, 3).reshape(C, kh * kw * C)
+    out = np.empty((B, C, H, W), dtype=x.dtype)
+    for b0, b1, r0, r1 in _chunks(B, C, H, W, kh * kw):
+        y = a @ _im2col(xpad, kh, kw, b0, b1, r0, r1, W)
+        out[b0:b1, :, r0:r1] = y.reshape(C, b1 - b0, r1 - r0, W).transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(_flip(out, flip_rows, flip_cols))
+
+
+def _weight_grad_canonical(g, x, kh, kw):
+    """(C, kh, kw, C): G[o, du, dv, i] = sum g[b, o, h, w] x[b, i, h - du, w - dv]."""
+    B, C, H, W = x.shape
+    xpad = _pad_canonical(x, kh, kw)
+    acc = np.zeros((C, kh * kw * C), dtype=x.dtype)
+    for b0, b1, r0, r1 in _chunks(B, C, H, W, kh * kw):
+        gm = np.ascontiguousarray(g[b0:b1, :, r0:r1].transpose(1, 0, 2, 3)).reshape(C, -1)
+        acc += gm @ _im2col(xpad, kh, kw, b0, b1, r0, r1, W).T
+    return acc.reshape(C, kh, kw, C)
+
+
+# --------------------------------------------------------------------------
+# the tiled wavefront solve
+
+
+def _tile(C, H, W, kh, kw):
+    """(Th, Tw): the tile rule, measured (see the module docstring)."""
+    if C >= 16:
+        return 1, 1
+    width = max(1, 32 // C)
+    return 1, min(W, width)
+
+
+class _Plan:
+    """Gather/scatter indices of the tiled wavefront for one (H, W, kh, kw, Th, Tw).
+
+    The solution buffer is (C, Hs*Ws, B): the image placed at rows kh-1..,
+    columns kw-1.. of an Hs x Ws grid (zeros above/left, tile padding
+    below/right).  Step s gathers ``gather[s]`` (window pixel major, tile
+    minor) and scatters to ``scatter[s]`` (tile pixel major, tile minor).
+    """
+
+    def __init__(self, H, W, kh, kw, th, tw):
+        self.H, self.W, self.kh, self.kw, self.th, self.tw = H, W, kh, kw, th, tw
+        ni, nj = -(-H // th), -(-W // tw)
+        self.hs, self.ws = kh - 1 + ni * th, kw - 1 + nj * tw
+        wh, ww = th + kh - 1, tw + kw - 1
+        # window pixel offsets from the tile's top-left window corner
+        win = (np.arange(wh)[:, None] * self.ws + np.arange(ww)[None, :]).reshape(-1)
+        own = ((kh - 1 + np.arange(th))[:, None] * self.ws
+               + (kw - 1 + np.arange(tw))[None, :]).reshape(-1)
+        self.gather, self.scatter = [], []
+        for d in range(ni + nj - 1):
+            i = np.arange(max(0, d - nj + 1), min(ni, d + 1))
+            corner = (i * th) * self.ws + (d - i) * tw   # window corner of each tile
+            self.gather.append(np.ascontiguousarray((win[:, None] + corner[None, :]).reshape(-1)))
+            self.scatter.append(np.ascontiguousarray((own[:, None] + corner[None, :]).reshape(-1)))
+        self.nbytes = sum(a.nbytes for a in self.gather) + sum(a.nbytes for a in self.scatter)
+
+
+_plans: collections.OrderedDict = collections.OrderedDict()
+_plans_bytes = [0]
+_plans_lock = threading.Lock()
+
+
+def _plan(H, W, kh, kw, th, tw) -> _Plan:
+    key = (H, W, kh, kw, th, tw)
+    with _plans_lock:
+        plan = _plans.get(key)
+        if plan is not None:
+            _plans.move_to_end(key)
+            return plan
+    plan = _Plan(*key)  # built outside the lock; plans are immutable once built
+    with _plans_lock:
+        if key not in _plans:
+            _plans[key] = plan
+            _plans_bytes[0] += plan.nbytes
+            while len(_plans) > 1 and (len(_plans) > _PLAN_ENTRIES
+                                       or _plans_bytes[0] > _PLAN_BYTES):
+                _, old = _plans.popitem(last=False)
+                _plans_bytes[0] -= old.nbytes
+        return _plans[key]
+
+
+def _folded_operator(blocks, th, tw, dtype):
+    """(C*Th*Tw, C*window): rows (c, tile pixel), columns (c, window pixel).
+
+    Applied to the window holding y on the tile's pixels and the solution
+    around it, it gives the tile's solution.
+    """
+    kh, kw, C, _ = blocks.shape
+    wh, ww = th + kh - 1, tw + kw - 1
+    P, Q = th * tw, wh * ww
+    a = blocks.astype(np.float64)
+    # m[p, c_out, q, c_in]: the operator from the window to the tile's outputs
+    m = np.zeros((P, C, Q, C))
+    for r in range(th):
+        for s in range(tw):
+            p = r * tw + s
+            for du in range(kh):
+                for dv in range(kw):
+                    q = (r + kh - 1 - du) * ww + (s + kw - 1 - dv)
+                    m[p, :, q, :] += a[du, dv]
+    own = ((kh - 1 + np.arange(th))[:, None] * ww + (kw - 1 + np.arange(tw))[None, :]).reshape(-1)
+    a_pp = m[:, :, own, :].reshape(P * C, P * C)
+    rest = m.copy()
+    rest[:, :, own, :] = 0
+    rhs = -rest.reshape(P * C, Q * C)
+    # the y columns: identity from the tile's own window pixels to its outputs
+    eye = np.zeros((P, C, Q, C))
+    eye[np.arange(P), :, own, :] = np.eye(C)
+    rhs += eye.reshape(P * C, Q * C)
+    op = np.linalg.solve(a_pp, rhs).reshape(P, C, Q, C)
+    return np.ascontiguousarray(op.transpose(1, 0, 3, 2).reshape(C * P, C * Q)).astype(dtype)
+
+
+def _wavefront(rhs, blocks, flip_rows, flip_cols):
+    """Solve sum_{du,dv} A[du,dv] x[h-du, w-dv] = rhs on the flipped view."""
+    B, C, H, W = rhs.shape
+    kh, kw = blocks.shape[:2]
+    th, tw = _tile(C, H, W, kh, kw)
+    plan = _plan(H, W, kh, kw, th, tw)
+    op = _folded_operator(blocks, th, tw, rhs.dtype)
+    P, Q = th * tw, (th + kh - 1) * (tw + kw - 1)
+    buf = np.zeros((C, plan.hs, plan.ws, B), dtype=rhs.dtype)
+    buf[:, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W] = _flip(rhs, flip_rows, flip_cols).transpose(1, 2, 3, 0)
+    flat = buf.reshape(C, plan.hs * plan.ws, B)
+    for gather, scatter in zip(plan.gather, plan.scatter):
+        z = np.take(flat, gather, axis=1).reshape(C * Q, -1)
+        flat[:, scatter] = (op @ z).reshape(C, -1, B)
+    x = buf[:, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W].transpose(3, 0, 1, 2)
+    return np.ascontiguousarray(_flip(x, flip_rows, flip_cols))
+
+
+# --------------------------------------------------------------------------
+# the backend functions
+
+
+def _finite(*arrays) -> bool:
+    return all(bool(np.isfinite(a).all()) for a in arrays)
+
+
+def _read_weight(weight, conv):
+    return effective_weight(weight, conv)
+
+
+def _reference():
+    from . import reference  # only for non-finite inputs
+    return reference
+
+
+def _forward(x, weight, conv: Conv):
+    if not _finite(x, _read_weight(weight, conv)):
+        return _reference()._forward(x, weight, conv)
+    return _apply(x, *_blocks(weight, conv, adjoint=False))
+
+
+def _forward_adjoint(grad_y, weight, conv: Conv):
+    if not _finite(grad_y, _read_weight(weight, conv)):
+        return _reference()._forward_adjoint(grad_y, weight, conv)
+    return _apply(grad_y, *_blocks(weight, conv, adjoint=True))
+
+
+def _solve(y, weight, conv: Conv):
+    if not _finite(y, _read_weight(weight, conv)):
+        return _reference()._solve(y, weight, conv)
+    return _wavefront(y, *_blocks(weight, conv, adjoint=False))
+
+
+def _solve_adjoint(grad_x, weight, conv: Conv):
+    if not _finite(grad_x, _read_weight(weight, conv)):
+        return _reference()._solve_adjoint(grad_x, weight, conv)
+    return _wavefront(grad_x, *_blocks(weight, conv, adjoint=True))
+
+
+def _weight_grad(grad_out, x, scale, conv: Conv):
+    if not _finite(grad_out, x):
+        return _reference()._weight_grad(grad_out, x, scale, conv)
+    rows, cols = conv.row_sign < 0, conv.col_sign < 0
+    full = _weight_grad_canonical(_flip(grad_out, rows, cols), _flip(x, rows, cols),
+                                  conv.kh, conv.kw)
+    C, cg = conv.channels, conv.group_channels
+    out = np.empty((C, cg, conv.kh, conv.kw), dtype=x.dtype)
+    for g in range(conv.groups):
+        s = slice(g * cg, (g + 1) * cg)
+        # canonical offset (du, dv) is kernel tap (u, v) with u = kh-1-du for a padded top
+        out[s] = full[s][:, :, :, s].transpose(0, 3, 1, 2)
+    if conv.row_sign > 0:
+        out = out[:, :, ::-1, :]
+    if conv.col_sign > 0:
+        out = out[:, :, :, ::-1]
+    out = out * np.asarray(scale, dtype=x.dtype)
+    out[conv.ignored_mask()] = 0
+    return np.ascontiguousarray(out)
