@@ -63,6 +63,7 @@ class BackendSpec:
     default: whether ``backend=None`` picks it for arrays of that kind.
     available: a cheap probe (no compilation, no CUDA context) of whether it
     can run here; used to list backends for tests and benchmarks.
+    timed: whether benchmarks time it (the emulator is a test tool, not a contender).
     """
 
     name: str
@@ -70,6 +71,7 @@ class BackendSpec:
     kind: str
     default: bool
     available: Callable[[], bool]
+    timed: bool = True
 
 
 def _always() -> bool:
@@ -87,7 +89,7 @@ def _has_compiler() -> bool:
 REGISTRY = (
     BackendSpec("cpu", "invconv._cpu", "numpy", True, _always),
     BackendSpec("reference", "invconv.reference", "numpy", False, _always),
-    BackendSpec("emulator", "invconv._emulated", "numpy", False, _has_compiler),
+    BackendSpec("emulator", "invconv._emulated", "numpy", False, _has_compiler, timed=False),
     BackendSpec("cuda", "invconv._cuda", "cupy", True, _has_cupy),
 )
 

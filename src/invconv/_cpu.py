@@ -30,13 +30,29 @@ kept in a bounded LRU cache (``_PLAN_ENTRIES`` plans, ``_PLAN_BYTES`` bytes)
 under a lock; a call's scratch is its own, so calls from several threads are
 independent.
 
-Tile rule (measured on the project's 2-core x86 machine, one thread,
-float32, k = 3, 2026-11-29, see ``_tile``): a tile trades extra flops (the
-window is larger than the tile, and the folded operator is dense) for fewer,
-wider GEMMs and fewer wavefront steps.  Wide channels already fill the GEMM:
-1 x 1 tiles from 16 channels up.  At few channels the step count and the
-per-step Python/gather cost dominate, and rows of pixels win: tiles
-(1, min(W, 32 // C)) rounded to the image.  See ``_tile`` for the table.
+Tile rule (``_tile``).  A tile trades extra flops (the window is larger
+than the tile and the folded operator is dense) for fewer, wider GEMMs and
+fewer wavefront steps.  Measured on the project's 2-core AMD EPYC machine
+(shared, so +-15%), one thread, float32, k = 3, 2026-11-29: inverse time /
+torch conv2d forward time for tiles Th x Tw, best first:
+
+================ ============================================
+shape            ratio for tile
+================ ============================================
+100 x 1 x 28^2   2x4 1.24, 1x4 1.25, 1x2 1.46, 1x1 1.73
+100 x 4 x 14^2   1x2 1.48, 2x2 1.56, 1x1 1.85, 2x4 2.14
+100 x 12 x 16^2  1x2 2.92, 1x1 3.20, 1x4 3.52, 2x2 4.24
+100 x 48 x 8^2   1x1 2.18, 1x2 5.24, 2x2 7.49
+100 x 3 x 32^2   2x2 1.86, 1x4 1.89, 1x2 1.92, 1x1 2.29
+16 x 3 x 64^2    2x2 1.79, 2x4 1.95, 1x4 2.07, 1x1 2.58
+4 x 3 x 256^2    4x4 2.26, 2x2 2.27, 1x4 2.28, 1x1 3.16
+1 x 3 x 256^2    2x8 4.47, 4x4 4.54, 1x8 5.13, 1x1 9.03
+================ ============================================
+
+Wide channels fill the GEMM by themselves: 1 x 1 from 16 channels, 1 x 2
+from 4.  Below that, 2 x 4 for one channel, and for 2-3 channels 2 x 2, or
+2 x 8 when fewer than 4 images share each step.  Tiles are clipped to the
+image.
 
 NaN and Inf.  A folded operator and a padded window multiply every entry of
 the window, so one non-finite value would turn into NaN on outputs that do
@@ -158,12 +174,17 @@ def _weight_grad_canonical(g, x, kh, kw):
 # the tiled wavefront solve
 
 
-def _tile(C, H, W, kh, kw):
+def _tile(B, C, H, W, kh, kw):
     """(Th, Tw): the tile rule, measured (see the module docstring)."""
     if C >= 16:
-        return 1, 1
-    width = max(1, 32 // C)
-    return 1, min(W, width)
+        th, tw = 1, 1
+    elif C >= 4:
+        th, tw = 1, 2
+    elif C == 1:
+        th, tw = 2, 4
+    else:
+        th, tw = (2, 2) if B >= 4 else (2, 8)
+    return min(th, H), min(tw, W)
 
 
 class _Plan:
@@ -253,7 +274,7 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols):
     """Solve sum_{du,dv} A[du,dv] x[h-du, w-dv] = rhs on the flipped view."""
     B, C, H, W = rhs.shape
     kh, kw = blocks.shape[:2]
-    th, tw = _tile(C, H, W, kh, kw)
+    th, tw = _tile(B, C, H, W, kh, kw)
     plan = _plan(H, W, kh, kw, th, tw)
     op = _folded_operator(blocks, th, tw, rhs.dtype)
     P, Q = th * tw, (th + kh - 1) * (tw + kw - 1)
