@@ -76,9 +76,9 @@ def test_im2col_chunks_match_one_piece(monkeypatch):
     w = make_weight(rng, 3, 1, 3, 3, "bottom-right", False)
     x, g = rng.standard_normal((2, 3, 3, 6, 5))
     whole = invconv.conv2d(x, w, backend="cpu"), invconv.conv2d_vjp(g, x, w, backend="cpu")
-    # 9 taps * 3 channels * 5 columns = 135 elements a row: 1 row per chunk,
-    # then 2 images' worth per chunk.
-    for bound in (100, 2 * 135 * 6):
+    # 9 taps * 3 channels * 5 columns * 2 images = 270 elements a row: 1 row
+    # per chunk, then 2 rows per chunk (the last one short).
+    for bound in (100, 2 * 270):
         monkeypatch.setattr(_cpu, "_IM2COL_ELEMENTS", bound)
         np.testing.assert_allclose(invconv.conv2d(x, w, backend="cpu"), whole[0], rtol=1e-12)
         for got, want in zip(invconv.conv2d_vjp(g, x, w, backend="cpu"), whole[1]):

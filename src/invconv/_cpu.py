@@ -11,9 +11,11 @@ transposed.
 
 Convolution and weight gradient.  im2col then one GEMM: the kh*kw shifted
 copies of the (zero-padded) input are stacked into a (kh*kw*C, pixels)
-matrix, ``y = [A_00 ... A_(kh-1)(kw-1)] @ Z`` and ``grad_W = g @ Z^T``; the
-im2col matrix is built in chunks of images (or rows of one image) so the
-scratch stays below ``_IM2COL_ELEMENTS`` or one image's worth.
+matrix, ``y = [A_00 ... A_(kh-1)(kw-1)] @ Z`` and ``grad_W = g @ Z^T``.
+Images are held batch-innermost, (C, H, W, B), so a pixel's values across
+the batch are one contiguous run for im2col and the wavefront's gathers.
+The im2col matrix is built in chunks of rows so the scratch stays below
+``_IM2COL_ELEMENTS`` (or one row's worth).
 
 Inverse.  The image is cut into Th x Tw pixel tiles, walked by anti-diagonals
 of tiles (every tile of a diagonal depends only on earlier diagonals).  For
@@ -72,9 +74,10 @@ import numpy as np
 
 from ._api import Conv, effective_weight
 
-_IM2COL_ELEMENTS = 1 << 22      # im2col chunk bound (elements), unless one image row block needs more
+_IM2COL_ELEMENTS = 1 << 22      # im2col chunk bound (elements), unless one row needs more
 _PLAN_ENTRIES = 32              # plan cache bound: entries ...
 _PLAN_BYTES = 256 << 20         # ... and bytes of index arrays
+_TRANSPOSE_IMAGES = 8           # batch block of the layout changes (measured)
 
 
 # --------------------------------------------------------------------------
@@ -111,62 +114,81 @@ def _blocks(weight, conv: Conv, adjoint: bool):
 
 
 # --------------------------------------------------------------------------
+# layout: (B, C, H, W) <-> (C, H, W, B), batch innermost
+
+
+def _batch_last(x, hs, ws, top, left):
+    """(B, C, H, W) -> zeros (C, hs, ws, B) holding x at rows top.., columns left..
+
+    Batch innermost makes every pixel's (image) values one contiguous run, so
+    im2col slices and wavefront gathers copy long runs.  The layout change
+    goes a few images at a time, which keeps both sides of the copy in cache
+    (about 6x faster than one strided copy, measured).
+    """
+    B, C, H, W = x.shape
+    buf = np.zeros((C, hs, ws, B), dtype=x.dtype)
+    inner = buf[:, top:top + H, left:left + W]
+    for b0 in range(0, B, _TRANSPOSE_IMAGES):
+        b1 = min(B, b0 + _TRANSPOSE_IMAGES)
+        inner[..., b0:b1] = x[b0:b1].transpose(1, 2, 3, 0)
+    return buf
+
+
+def _batch_first(a, flip_rows, flip_cols):
+    """(C, H, W, B) -> a new (B, C, H, W), flipped back."""
+    C, H, W, B = a.shape
+    out = np.empty((B, C, H, W), dtype=a.dtype)
+    dst = _flip(out, flip_rows, flip_cols)
+    for b0 in range(0, B, _TRANSPOSE_IMAGES):
+        b1 = min(B, b0 + _TRANSPOSE_IMAGES)
+        dst[b0:b1] = a[..., b0:b1].transpose(3, 0, 1, 2)
+    return out
+
+
+# --------------------------------------------------------------------------
 # convolution and weight gradient: im2col + one GEMM
 
 
-def _chunks(B, C, H, W, taps):
-    """(b0, b1, r0, r1) pieces of the image stack whose im2col fits the bound."""
-    per_row = taps * C * W
+def _row_chunks(H, per_row):
+    """Row ranges whose im2col (per_row elements a row) fits the bound."""
     rows = max(1, _IM2COL_ELEMENTS // per_row)
-    if rows >= H:
-        images = max(1, rows // H)
-        for b0 in range(0, B, images):
-            yield b0, min(B, b0 + images), 0, H
-    else:
-        for b in range(B):
-            for r0 in range(0, H, rows):
-                yield b, b + 1, r0, min(H, r0 + rows)
+    for r0 in range(0, H, rows):
+        yield r0, min(H, r0 + rows)
 
 
-def _im2col(xpad, kh, kw, b0, b1, r0, r1, W):
-    """(kh*kw*C, nb*nr*W): row (du, dv, c) holds x[b, c, h - du, w - dv]."""
-    C = xpad.shape[1]
-    z = np.empty((kh, kw, C, b1 - b0, r1 - r0, W), dtype=xpad.dtype)
+def _im2col(xb, kh, kw, r0, r1, W):
+    """(kh*kw*C, rows*W*B): row (du, dv, c) holds x[c, h - du, w - dv, b].
+
+    xb is (C, H + kh - 1, W + kw - 1, B), zero-padded at the top and left.
+    """
+    C, B = xb.shape[0], xb.shape[3]
+    z = np.empty((kh, kw, C, r1 - r0, W, B), dtype=xb.dtype)
     for du in range(kh):
         for dv in range(kw):
-            z[du, dv] = xpad[b0:b1, :, r0 + kh - 1 - du:r1 + kh - 1 - du,
-                             kw - 1 - dv:kw - 1 - dv + W].transpose(1, 0, 2, 3)
+            z[du, dv] = xb[:, r0 + kh - 1 - du:r1 + kh - 1 - du, kw - 1 - dv:kw - 1 - dv + W]
     return z.reshape(kh * kw * C, -1)
-
-
-def _pad_canonical(x, kh, kw):
-    B, C, H, W = x.shape
-    xpad = np.zeros((B, C, H + kh - 1, W + kw - 1), dtype=x.dtype)
-    xpad[:, :, kh - 1:, kw - 1:] = x
-    return xpad
 
 
 def _apply(x, blocks, flip_rows, flip_cols):
     """sum_{du,dv} A[du,dv] @ x[h-du, w-dv] on the flipped view; returned unflipped."""
     B, C, H, W = x.shape
     kh, kw = blocks.shape[:2]
-    xpad = _pad_canonical(_flip(x, flip_rows, flip_cols), kh, kw)
+    xb = _batch_last(_flip(x, flip_rows, flip_cols), H + kh - 1, W + kw - 1, kh - 1, kw - 1)
     a = blocks.transpose(2, 0, 1, 3).reshape(C, kh * kw * C)
-    out = np.empty((B, C, H, W), dtype=x.dtype)
-    for b0, b1, r0, r1 in _chunks(B, C, H, W, kh * kw):
-        y = a @ _im2col(xpad, kh, kw, b0, b1, r0, r1, W)
-        out[b0:b1, :, r0:r1] = y.reshape(C, b1 - b0, r1 - r0, W).transpose(1, 0, 2, 3)
-    return np.ascontiguousarray(_flip(out, flip_rows, flip_cols))
+    yb = np.empty((C, H, W, B), dtype=x.dtype)
+    for r0, r1 in _row_chunks(H, kh * kw * C * W * B):
+        yb[:, r0:r1] = (a @ _im2col(xb, kh, kw, r0, r1, W)).reshape(C, r1 - r0, W, B)
+    return _batch_first(yb, flip_rows, flip_cols)
 
 
 def _weight_grad_canonical(g, x, kh, kw):
     """(C, kh, kw, C): G[o, du, dv, i] = sum g[b, o, h, w] x[b, i, h - du, w - dv]."""
     B, C, H, W = x.shape
-    xpad = _pad_canonical(x, kh, kw)
+    xb = _batch_last(x, H + kh - 1, W + kw - 1, kh - 1, kw - 1)
+    gb = _batch_last(g, H, W, 0, 0)
     acc = np.zeros((C, kh * kw * C), dtype=x.dtype)
-    for b0, b1, r0, r1 in _chunks(B, C, H, W, kh * kw):
-        gm = np.ascontiguousarray(g[b0:b1, :, r0:r1].transpose(1, 0, 2, 3)).reshape(C, -1)
-        acc += gm @ _im2col(xpad, kh, kw, b0, b1, r0, r1, W).T
+    for r0, r1 in _row_chunks(H, kh * kw * C * W * B):
+        acc += gb[:, r0:r1].reshape(C, -1) @ _im2col(xb, kh, kw, r0, r1, W).T
     return acc.reshape(C, kh, kw, C)
 
 
@@ -278,14 +300,12 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols):
     plan = _plan(H, W, kh, kw, th, tw)
     op = _folded_operator(blocks, th, tw, rhs.dtype)
     P, Q = th * tw, (th + kh - 1) * (tw + kw - 1)
-    buf = np.zeros((C, plan.hs, plan.ws, B), dtype=rhs.dtype)
-    buf[:, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W] = _flip(rhs, flip_rows, flip_cols).transpose(1, 2, 3, 0)
+    buf = _batch_last(_flip(rhs, flip_rows, flip_cols), plan.hs, plan.ws, kh - 1, kw - 1)
     flat = buf.reshape(C, plan.hs * plan.ws, B)
     for gather, scatter in zip(plan.gather, plan.scatter):
         z = np.take(flat, gather, axis=1).reshape(C * Q, -1)
         flat[:, scatter] = (op @ z).reshape(C, -1, B)
-    x = buf[:, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W].transpose(3, 0, 1, 2)
-    return np.ascontiguousarray(_flip(x, flip_rows, flip_cols))
+    return _batch_first(buf[:, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W], flip_rows, flip_cols)
 
 
 # --------------------------------------------------------------------------
