@@ -14,8 +14,8 @@ copies of the (zero-padded) input are stacked into a (kh*kw*C, pixels)
 matrix, ``y = [A_00 ... A_(kh-1)(kw-1)] @ Z`` and ``grad_W = g @ Z^T``.
 Images are held batch-innermost, (C, H, W, B), so a pixel's values across
 the batch are one contiguous run for im2col and the wavefront's gathers.
-The im2col matrix is built in chunks of rows so the scratch stays below
-``_IM2COL_ELEMENTS`` (or one row's worth).
+The im2col matrix is built in chunks of rows so the scratch stays within
+twice the input and ``_IM2COL_ELEMENTS`` (or one row's worth).
 
 Inverse.  The image is cut into Th x Tw pixel tiles, walked by anti-diagonals
 of tiles (every tile of a diagonal depends only on earlier diagonals).  For
@@ -149,9 +149,11 @@ def _batch_first(a, flip_rows, flip_cols):
 # convolution and weight gradient: im2col + one GEMM
 
 
-def _row_chunks(H, per_row):
-    """Row ranges whose im2col (per_row elements a row) fits the bound."""
-    rows = max(1, _IM2COL_ELEMENTS // per_row)
+def _row_chunks(H, per_row, image_elements):
+    """Row ranges whose im2col (per_row elements a row) stays within twice the
+    input and within ``_IM2COL_ELEMENTS`` (or one row, if that is more)."""
+    bound = min(_IM2COL_ELEMENTS, max(2 * image_elements, 1 << 16))
+    rows = max(1, bound // per_row)
     for r0 in range(0, H, rows):
         yield r0, min(H, r0 + rows)
 
@@ -176,7 +178,7 @@ def _apply(x, blocks, flip_rows, flip_cols):
     xb = _batch_last(_flip(x, flip_rows, flip_cols), H + kh - 1, W + kw - 1, kh - 1, kw - 1)
     a = blocks.transpose(2, 0, 1, 3).reshape(C, kh * kw * C)
     yb = np.empty((C, H, W, B), dtype=x.dtype)
-    for r0, r1 in _row_chunks(H, kh * kw * C * W * B):
+    for r0, r1 in _row_chunks(H, kh * kw * C * W * B, x.size):
         yb[:, r0:r1] = (a @ _im2col(xb, kh, kw, r0, r1, W)).reshape(C, r1 - r0, W, B)
     return _batch_first(yb, flip_rows, flip_cols)
 
@@ -187,7 +189,7 @@ def _weight_grad_canonical(g, x, kh, kw):
     xb = _batch_last(x, H + kh - 1, W + kw - 1, kh - 1, kw - 1)
     gb = _batch_last(g, H, W, 0, 0)
     acc = np.zeros((C, kh * kw * C), dtype=x.dtype)
-    for r0, r1 in _row_chunks(H, kh * kw * C * W * B):
+    for r0, r1 in _row_chunks(H, kh * kw * C * W * B, x.size):
         acc += gb[:, r0:r1].reshape(C, -1) @ _im2col(xb, kh, kw, r0, r1, W).T
     return acc.reshape(C, kh, kw, C)
 
