@@ -1,6 +1,7 @@
 """Backend "cpu" beyond the shared suites: every tile shape against dense linear
 algebra, im2col chunking, the NaN/Inf contract, threads, the plan cache, and
 the registry that makes it the default."""
+import functools
 import threading
 
 import numpy as np
@@ -26,6 +27,7 @@ TILES = [None, (1, 1), (2, 3), (1, 8), (4, 4)]     # None: the module's rule
 RTOL = {np.float64: 1e-10, np.float32: 5e-5}
 
 
+@functools.lru_cache(maxsize=None)   # shared by every tile and dtype
 def _dense_results(shape, corner, unit, seed):
     B, C, H, W, kh, kw, groups = shape
     rng = np.random.default_rng(seed)

@@ -74,7 +74,7 @@ import numpy as np
 
 from ._api import Conv, effective_weight
 
-_IM2COL_ELEMENTS = 1 << 22      # im2col chunk bound (elements), unless one row needs more
+_IM2COL_ELEMENTS = 1 << 18      # im2col chunk bound (elements; ~L2-sized), unless one row needs more
 _PLAN_ENTRIES = 32              # plan cache bound: entries ...
 _PLAN_BYTES = 256 << 20         # ... and bytes of index arrays
 _TRANSPOSE_IMAGES = 8           # batch block of the layout changes (measured)
