@@ -370,7 +370,7 @@ def run(shapes, k, dtype, have_gpu, n_sets, repeats, budget_s, dense_limit_bytes
                     min_bytes=min_bytes(op, shape, k, np.dtype(dtype).itemsize)))
                 print(f"{op:9s} {str(shape):20s} {name:18s} {med:10.3f} ms", flush=True)
             # invconv's own row is the yardstick: its kernels on a GPU, else its
-            # reference backend (what invconv runs on the CPU); graph replays
+            # "cpu" backend (what invconv runs on the CPU by default); graph replays
             # are compared with invconv's graph replay.
             by_name = {r["implementation"]: r for r in shape_rows}
             eager = by_name.get("invconv-cuda", by_name.get("invconv-cpu",
