@@ -5,8 +5,9 @@ This is the truth the other backends are tested against (backend
 simple: build the sparse operator ``M`` once per call, multiply by it for
 the convolution and its adjoint, and solve all batch columns in one
 :func:`scipy.sparse.linalg.spsolve_triangular` call (in pixel-major order,
-where ``M`` is lower-triangular) for the inverse and its adjoint.  The weight gradient is a correlation over shifted views, one GEMM
-per tap.  Everything is computed in float64 and returned in the input dtype.
+where ``M`` is lower-triangular) for the inverse and its adjoint.  The
+weight gradient is a correlation over shifted views, one GEMM per tap.
+Everything is computed in float64 and returned in the input dtype.
 
 The functions here have the signatures of the public ones in :mod:`invconv`
 without ``backend`` (they are those functions with ``backend="reference"``).
