@@ -318,37 +318,40 @@ def _finite(*arrays) -> bool:
     return all(bool(np.isfinite(a).all()) for a in arrays)
 
 
-def _read_weight(weight, conv):
-    return effective_weight(weight, conv)
-
-
 def _reference():
     from . import reference  # only for non-finite inputs
     return reference
 
 
+# Each op checks the arrays it reads; the blocks hold exactly the weight
+# entries that are read (ignored ones are already replaced by 0 or 1).
+
 def _forward(x, weight, conv: Conv):
-    if not _finite(x, _read_weight(weight, conv)):
+    blocks, rows, cols = _blocks(weight, conv, adjoint=False)
+    if not _finite(x, blocks):
         return _reference()._forward(x, weight, conv)
-    return _apply(x, *_blocks(weight, conv, adjoint=False))
+    return _apply(x, blocks, rows, cols)
 
 
 def _forward_adjoint(grad_y, weight, conv: Conv):
-    if not _finite(grad_y, _read_weight(weight, conv)):
+    blocks, rows, cols = _blocks(weight, conv, adjoint=True)
+    if not _finite(grad_y, blocks):
         return _reference()._forward_adjoint(grad_y, weight, conv)
-    return _apply(grad_y, *_blocks(weight, conv, adjoint=True))
+    return _apply(grad_y, blocks, rows, cols)
 
 
 def _solve(y, weight, conv: Conv):
-    if not _finite(y, _read_weight(weight, conv)):
+    blocks, rows, cols = _blocks(weight, conv, adjoint=False)
+    if not _finite(y, blocks):
         return _reference()._solve(y, weight, conv)
-    return _wavefront(y, *_blocks(weight, conv, adjoint=False))
+    return _wavefront(y, blocks, rows, cols)
 
 
 def _solve_adjoint(grad_x, weight, conv: Conv):
-    if not _finite(grad_x, _read_weight(weight, conv)):
+    blocks, rows, cols = _blocks(weight, conv, adjoint=True)
+    if not _finite(grad_x, blocks):
         return _reference()._solve_adjoint(grad_x, weight, conv)
-    return _wavefront(grad_x, *_blocks(weight, conv, adjoint=True))
+    return _wavefront(grad_x, blocks, rows, cols)
 
 
 def _weight_grad(grad_out, x, scale, conv: Conv):
