@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \\
         python3 bench/cpu_targets.py --threads 1 --out cpu_targets.json
+    (--train-step: the README model's training step, "cpu" against "reference")
 
 For each shape (float32, k = 3) every repeat times, back to back, invconv's
 "cpu" inverse, inverse vjp and conv2d and torch's conv2d forward and
@@ -91,6 +92,39 @@ def measure(shape, repeats, with_reference_memory):
     return row
 
 
+def train_steps(repeats):
+    """Images/s of the README's training step (inverse-flow, K = 4, L = 2, batch
+    100 of MNIST-shaped data, Adam) with CPU tensors on "cpu" and on "reference",
+    steps interleaved.  The torch adapter runs the registry's default backend
+    for CPU tensors; this swaps that default."""
+    from invconv import _backends, flows
+    torch.manual_seed(0)
+    model = flows.build("inverse-flow", (1, 28, 28), levels=2, steps=4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(100, 1, 28, 28)
+    default_for = _backends.default_for
+
+    def step(name):
+        _backends.default_for = lambda kind: name if kind == "numpy" else default_for(kind)
+        try:
+            t0 = time.perf_counter()
+            loss = -model.log_prob(x).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return time.perf_counter() - t0
+        finally:
+            _backends.default_for = default_for
+
+    times = {"cpu": [], "reference": []}
+    for name in times:
+        step(name)
+    for _ in range(repeats):
+        for name in times:
+            times[name].append(step(name))
+    return {name: 100 / statistics.median(t) for name, t in times.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch threads (set BLAS threads "
@@ -98,9 +132,18 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--reference-memory", action="store_true",
                    help="also the SciPy reference's peak memory (slow at large shapes)")
+    p.add_argument("--train-step", action="store_true",
+                   help="only the training step's images/s, cpu against reference")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.train_step:
+        result = train_steps(args.repeats)
+        print(" ".join(f"{k}: {v:.0f} images/s" for k, v in result.items()))
+        with open(args.out, "w") as f:
+            json.dump({"environment": environment(False), "train_images_per_s": result}, f,
+                      indent=1)
+        return
     rows = []
     for shape in CPU_SHAPES:
         rows.append(measure(shape, args.repeats, args.reference_memory))

@@ -212,29 +212,32 @@ def _tile(B, C, H, W, kh, kw):
 
 
 class _Plan:
-    """Gather/scatter indices of the tiled wavefront for one (H, W, kh, kw, Th, Tw).
+    """Gather/scatter indices of the tiled wavefront for one (C, H, W, kh, kw, Th, Tw).
 
-    The solution buffer is (C, Hs*Ws, B): the image placed at rows kh-1..,
+    The solution buffer is (C, Hs, Ws, B): the image placed at rows kh-1..,
     columns kw-1.. of an Hs x Ws grid (zeros above/left, tile padding
-    below/right).  Step s gathers ``gather[s]`` (window pixel major, tile
-    minor) and scatters to ``scatter[s]`` (tile pixel major, tile minor).
+    below/right), viewed as (C*Hs*Ws, B) rows.  Step s gathers the rows
+    ``gather[s]`` (channel, window pixel, tile) and scatters to the rows
+    ``scatter[s]`` (channel, tile pixel, tile).  Row indices that include the
+    channel make both one contiguous-row ``take``/assignment (for B = 1 the
+    fast 1-D path), about 2x faster than indexing the pixel axis of a 3-D view.
     """
 
-    def __init__(self, H, W, kh, kw, th, tw):
-        self.H, self.W, self.kh, self.kw, self.th, self.tw = H, W, kh, kw, th, tw
+    def __init__(self, C, H, W, kh, kw, th, tw):
         ni, nj = -(-H // th), -(-W // tw)
         self.hs, self.ws = kh - 1 + ni * th, kw - 1 + nj * tw
         wh, ww = th + kh - 1, tw + kw - 1
+        channel = np.arange(C)[:, None, None] * (self.hs * self.ws)
         # window pixel offsets from the tile's top-left window corner
-        win = (np.arange(wh)[:, None] * self.ws + np.arange(ww)[None, :]).reshape(-1)
+        win = (np.arange(wh)[:, None] * self.ws + np.arange(ww)[None, :]).reshape(1, -1, 1)
         own = ((kh - 1 + np.arange(th))[:, None] * self.ws
-               + (kw - 1 + np.arange(tw))[None, :]).reshape(-1)
+               + (kw - 1 + np.arange(tw))[None, :]).reshape(1, -1, 1)
         self.gather, self.scatter = [], []
         for d in range(ni + nj - 1):
             i = np.arange(max(0, d - nj + 1), min(ni, d + 1))
-            corner = (i * th) * self.ws + (d - i) * tw   # window corner of each tile
-            self.gather.append(np.ascontiguousarray((win[:, None] + corner[None, :]).reshape(-1)))
-            self.scatter.append(np.ascontiguousarray((own[:, None] + corner[None, :]).reshape(-1)))
+            corner = ((i * th) * self.ws + (d - i) * tw)[None, None, :]   # each tile's window
+            self.gather.append((channel + win + corner).reshape(-1))
+            self.scatter.append((channel + own + corner).reshape(-1))
         self.nbytes = sum(a.nbytes for a in self.gather) + sum(a.nbytes for a in self.scatter)
 
 
@@ -243,8 +246,8 @@ _plans_bytes = [0]
 _plans_lock = threading.Lock()
 
 
-def _plan(H, W, kh, kw, th, tw) -> _Plan:
-    key = (H, W, kh, kw, th, tw)
+def _plan(C, H, W, kh, kw, th, tw) -> _Plan:
+    key = (C, H, W, kh, kw, th, tw)
     with _plans_lock:
         plan = _plans.get(key)
         if plan is not None:
@@ -299,14 +302,15 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols):
     B, C, H, W = rhs.shape
     kh, kw = blocks.shape[:2]
     th, tw = _tile(B, C, H, W, kh, kw)
-    plan = _plan(H, W, kh, kw, th, tw)
+    plan = _plan(C, H, W, kh, kw, th, tw)
     op = _folded_operator(blocks, th, tw, rhs.dtype)
-    P, Q = th * tw, (th + kh - 1) * (tw + kw - 1)
+    Q = (th + kh - 1) * (tw + kw - 1)
     buf = _batch_last(_flip(rhs, flip_rows, flip_cols), plan.hs, plan.ws, kh - 1, kw - 1)
-    flat = buf.reshape(C, plan.hs * plan.ws, B)
+    row_shape = (-1,) if B == 1 else (-1, B)
+    rows = buf.reshape(row_shape)
     for gather, scatter in zip(plan.gather, plan.scatter):
-        z = np.take(flat, gather, axis=1).reshape(C * Q, -1)
-        flat[:, scatter] = (op @ z).reshape(C, -1, B)
+        z = np.take(rows, gather, axis=0).reshape(C * Q, -1)
+        rows[scatter] = (op @ z).reshape(row_shape)
     return _batch_first(buf[:, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W], flip_rows, flip_cols)
 
 
