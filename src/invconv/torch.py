@@ -14,8 +14,8 @@ Only the gradients that are needed are computed (a frozen weight costs no
 weight-gradient launch). Double backward is not supported: differentiating
 the backward ops raises an error from PyTorch.
 
-CPU tensors go through the NumPy/BLAS backend "cpu"; CUDA tensors go to the CuPy
-kernels through DLPack without copies, on ``torch.cuda.current_stream()``,
+CPU tensors go through the NumPy/BLAS backend "cpu"; CUDA tensors go to the
+CuPy kernels through DLPack without copies, on ``torch.cuda.current_stream()``,
 with every CuPy allocation (outputs and scratch) served by PyTorch's caching
 allocator.  On CUDA no op synchronises with the host, so a zero on the
 diagonal with ``unit_diagonal=False`` is not checked there (it yields
