@@ -1,6 +1,7 @@
 """Backend "cpu": the masked convolution and its inverse with NumPy and BLAS only.
 
-Everything is computed in the input dtype, with no SciPy and no compiler.
+Everything is computed in the input dtype, with no compiler at run time and
+no SciPy (except for calls with non-finite inputs, see the end).
 
 Orientation.  Every op is reduced to one canonical case: the image is viewed
 flipped (a view, no copy) so that the operator reads only up and to the left,
@@ -27,7 +28,7 @@ float64, once per call.  The solution buffer starts out holding ``y``, so one
 wavefront step is: gather the tiles' (Th+kh-1) x (Tw+kw-1) windows (a
 ``np.take``), one GEMM with the folded (Th*Tw*C, window*C) operator for all
 tiles and images of the diagonal, and a scatter of the results.  Gather and
-scatter indices depend only on (H, W, kh, kw, Th, Tw), are built once and
+scatter indices depend only on (C, H, W, kh, kw, Th, Tw), are built once and
 kept in a bounded LRU cache (``_PLAN_ENTRIES`` plans, ``_PLAN_BYTES`` bytes)
 under a lock; a call's scratch is its own, so calls from several threads are
 independent.
@@ -35,8 +36,10 @@ independent.
 Tile rule (``_tile``).  A tile trades extra flops (the window is larger
 than the tile and the folded operator is dense) for fewer, wider GEMMs and
 fewer wavefront steps.  Measured on the project's 2-core AMD EPYC machine
-(shared, so +-15%), one thread, float32, k = 3, 2026-11-29: inverse time /
-torch conv2d forward time for tiles Th x Tw, best first:
+(shared with other jobs: ratios move by +-20% between runs), one thread,
+float32, k = 3, 2026-11-29, with the first version of the gather (before the
+batch-innermost layout and whole-row gathers, which sped all tiles up):
+inverse time / torch conv2d forward time for tiles Th x Tw, best first:
 
 ================ ============================================
 shape            ratio for tile
@@ -74,7 +77,7 @@ import numpy as np
 
 from ._api import Conv, effective_weight
 
-_IM2COL_ELEMENTS = 1 << 18      # im2col chunk bound (elements; ~L2-sized), unless one row needs more
+_IM2COL_ELEMENTS = 1 << 18      # im2col chunk bound in elements (about L2-sized)
 _PLAN_ENTRIES = 32              # plan cache bound: entries ...
 _PLAN_BYTES = 256 << 20         # ... and bytes of index arrays
 _TRANSPOSE_IMAGES = 8           # batch block of the layout changes (measured)
@@ -199,7 +202,8 @@ def _weight_grad_canonical(g, x, kh, kw):
 
 
 def _tile(B, C, H, W, kh, kw):
-    """(Th, Tw): the tile rule, measured (see the module docstring)."""
+    """(Th, Tw) for B images of C channels (per group): the measured rule
+    of the module docstring."""
     if C >= 16:
         th, tw = 1, 1
     elif C >= 4:
@@ -297,20 +301,28 @@ def _folded_operator(blocks, th, tw, dtype):
     return np.ascontiguousarray(op.transpose(1, 0, 3, 2).reshape(C * P, C * Q)).astype(dtype)
 
 
-def _wavefront(rhs, blocks, flip_rows, flip_cols):
-    """Solve sum_{du,dv} A[du,dv] x[h-du, w-dv] = rhs on the flipped view."""
+def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
+    """Solve sum_{du,dv} A[du,dv] x[h-du, w-dv] = rhs on the flipped view.
+
+    Groups are independent: channel-major rows and columns make the folded
+    operator block-diagonal, so each step is one batched GEMM over groups.
+    """
     B, C, H, W = rhs.shape
     kh, kw = blocks.shape[:2]
-    th, tw = _tile(B, C, H, W, kh, kw)
+    cg = C // groups
+    th, tw = _tile(B, cg, H, W, kh, kw)
     plan = _plan(C, H, W, kh, kw, th, tw)
-    op = _folded_operator(blocks, th, tw, rhs.dtype)
+    ops = np.stack([_folded_operator(blocks[:, :, s, s], th, tw, rhs.dtype)
+                    for s in (slice(g * cg, (g + 1) * cg) for g in range(groups))])
     Q = (th + kh - 1) * (tw + kw - 1)
+    z_shape = (cg * Q, -1) if groups == 1 else (groups, cg * Q, -1)
+    ops = ops[0] if groups == 1 else ops
     buf = _batch_last(_flip(rhs, flip_rows, flip_cols), plan.hs, plan.ws, kh - 1, kw - 1)
     row_shape = (-1,) if B == 1 else (-1, B)
     rows = buf.reshape(row_shape)
     for gather, scatter in zip(plan.gather, plan.scatter):
-        z = np.take(rows, gather, axis=0).reshape(C * Q, -1)
-        rows[scatter] = (op @ z).reshape(row_shape)
+        z = np.take(rows, gather, axis=0).reshape(z_shape)
+        rows[scatter] = np.matmul(ops, z).reshape(row_shape)
     return _batch_first(buf[:, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W], flip_rows, flip_cols)
 
 
@@ -348,14 +360,14 @@ def _solve(y, weight, conv: Conv):
     blocks, rows, cols = _blocks(weight, conv, adjoint=False)
     if not _finite(y, blocks):
         return _reference()._solve(y, weight, conv)
-    return _wavefront(y, blocks, rows, cols)
+    return _wavefront(y, blocks, rows, cols, conv.groups)
 
 
 def _solve_adjoint(grad_x, weight, conv: Conv):
     blocks, rows, cols = _blocks(weight, conv, adjoint=True)
     if not _finite(grad_x, blocks):
         return _reference()._solve_adjoint(grad_x, weight, conv)
-    return _wavefront(grad_x, blocks, rows, cols)
+    return _wavefront(grad_x, blocks, rows, cols, conv.groups)
 
 
 def _weight_grad(grad_out, x, scale, conv: Conv):
