@@ -278,16 +278,16 @@ def _folded_operator(blocks, th, tw, dtype):
     kh, kw, C, _ = blocks.shape
     wh, ww = th + kh - 1, tw + kw - 1
     P, Q = th * tw, wh * ww
-    a = blocks.astype(np.float64)
-    # m[p, c_out, q, c_in]: the operator from the window to the tile's outputs
+    a = blocks.astype(np.float64).reshape(kh * kw, C, C)
+    # m[p, c_out, q, c_in]: the operator from the window to the tile's outputs.
+    # Tile pixel (r, s) reads window pixel (r + kh-1-du, s + kw-1-dv) with
+    # block (du, dv); for one p the taps land on distinct q.
+    r, s_, du, dv = np.meshgrid(np.arange(th), np.arange(tw), np.arange(kh), np.arange(kw),
+                                indexing="ij")
+    p_idx = (r * tw + s_).reshape(-1)
+    q_idx = ((r + kh - 1 - du) * ww + (s_ + kw - 1 - dv)).reshape(-1)
     m = np.zeros((P, C, Q, C))
-    for r in range(th):
-        for s in range(tw):
-            p = r * tw + s
-            for du in range(kh):
-                for dv in range(kw):
-                    q = (r + kh - 1 - du) * ww + (s + kw - 1 - dv)
-                    m[p, :, q, :] += a[du, dv]
+    m[p_idx, :, q_idx, :] = a[(du * kw + dv).reshape(-1)]
     own = ((kh - 1 + np.arange(th))[:, None] * ww + (kw - 1 + np.arange(tw))[None, :]).reshape(-1)
     a_pp = m[:, :, own, :].reshape(P * C, P * C)
     rest = m.copy()
@@ -321,7 +321,7 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
     row_shape = (-1,) if B == 1 else (-1, B)
     rows = buf.reshape(row_shape)
     for gather, scatter in zip(plan.gather, plan.scatter):
-        z = np.take(rows, gather, axis=0).reshape(z_shape)
+        z = rows.take(gather, axis=0).reshape(z_shape)
         rows[scatter] = np.matmul(ops, z).reshape(row_shape)
     return _batch_first(buf[:, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W], flip_rows, flip_cols)
 
