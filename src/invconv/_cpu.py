@@ -11,8 +11,11 @@ are the same computations on the image flipped the other way with every block
 transposed.
 
 Convolution and weight gradient.  im2col then one GEMM: the kh*kw shifted
-copies of the (zero-padded) input are stacked into a (kh*kw*C, pixels)
+copies of the (zero-padded) input are stacked into a (C*kh*kw, pixels)
 matrix, ``y = [A_00 ... A_(kh-1)(kw-1)] @ Z`` and ``grad_W = g @ Z^T``.
+With groups, the rows of each group are consecutive and the GEMM is one
+batched GEMM over groups (so does the wavefront below): groups cost no
+extra flops.
 Images are held batch-innermost, (C, H, W, B), so a pixel's values across
 the batch are one contiguous run for im2col and the wavefront's gathers.
 The im2col matrix is built in chunks of rows so the scratch stays within
@@ -162,39 +165,61 @@ def _row_chunks(H, per_row, image_elements):
 
 
 def _im2col(xb, kh, kw, r0, r1, W):
-    """(kh*kw*C, rows*W*B): row (du, dv, c) holds x[c, h - du, w - dv, b].
+    """(C*kh*kw, rows*W*B): row (c, du, dv) holds x[c, h - du, w - dv, b].
 
     xb is (C, H + kh - 1, W + kw - 1, B), zero-padded at the top and left.
+    Channel-major rows keep each group's rows together.
     """
     C, B = xb.shape[0], xb.shape[3]
-    z = np.empty((kh, kw, C, r1 - r0, W, B), dtype=xb.dtype)
+    z = np.empty((C, kh, kw, r1 - r0, W, B), dtype=xb.dtype)
     for du in range(kh):
         for dv in range(kw):
-            z[du, dv] = xb[:, r0 + kh - 1 - du:r1 + kh - 1 - du, kw - 1 - dv:kw - 1 - dv + W]
-    return z.reshape(kh * kw * C, -1)
+            z[:, du, dv] = xb[:, r0 + kh - 1 - du:r1 + kh - 1 - du, kw - 1 - dv:kw - 1 - dv + W]
+    return z.reshape(C * kh * kw, -1)
 
 
-def _apply(x, blocks, flip_rows, flip_cols):
-    """sum_{du,dv} A[du,dv] @ x[h-du, w-dv] on the flipped view; returned unflipped."""
+def _per_group(a, groups):
+    """The rows of a 2-D matrix as ``groups`` consecutive blocks, (G, rows / G,
+    columns), a batch for np.matmul; the matrix itself for one group."""
+    return a if groups == 1 else a.reshape(groups, a.shape[0] // groups, -1)
+
+
+def _apply(x, blocks, flip_rows, flip_cols, groups):
+    """sum_{du,dv} A[du,dv] @ x[h-du, w-dv] on the flipped view; returned unflipped.
+
+    Groups are independent: one batched GEMM of each group's rows.
+    """
     B, C, H, W = x.shape
     kh, kw = blocks.shape[:2]
+    cg = C // groups
     xb = _batch_last(_flip(x, flip_rows, flip_cols), H + kh - 1, W + kw - 1, kh - 1, kw - 1)
-    a = blocks.transpose(2, 0, 1, 3).reshape(C, kh * kw * C)
+    # a[g, o, (i, du, dv)] = A[du, dv][g*cg + o, g*cg + i]
+    a = np.stack([blocks[:, :, s, s].transpose(2, 3, 0, 1).reshape(cg, cg * kh * kw)
+                  for s in (slice(g * cg, (g + 1) * cg) for g in range(groups))])
+    a = a[0] if groups == 1 else a
     yb = np.empty((C, H, W, B), dtype=x.dtype)
     for r0, r1 in _row_chunks(H, kh * kw * C * W * B, x.size):
-        yb[:, r0:r1] = (a @ _im2col(xb, kh, kw, r0, r1, W)).reshape(C, r1 - r0, W, B)
+        z = _per_group(_im2col(xb, kh, kw, r0, r1, W), groups)
+        yb[:, r0:r1] = np.matmul(a, z).reshape(C, r1 - r0, W, B)
+        del z  # before the next chunk's im2col is allocated
     return _batch_first(yb, flip_rows, flip_cols)
 
 
-def _weight_grad_canonical(g, x, kh, kw):
-    """(C, kh, kw, C): G[o, du, dv, i] = sum g[b, o, h, w] x[b, i, h - du, w - dv]."""
+def _weight_grad_canonical(g, x, kh, kw, groups):
+    """(C, C_g, kh, kw): G[o, i, du, dv] = sum_{b,h,w} g[b, o, h, w] *
+    x[b, g*C_g + i, h - du, w - dv], g the group of o."""
     B, C, H, W = x.shape
+    cg = C // groups
     xb = _batch_last(x, H + kh - 1, W + kw - 1, kh - 1, kw - 1)
     gb = _batch_last(g, H, W, 0, 0)
-    acc = np.zeros((C, kh * kw * C), dtype=x.dtype)
+    acc = np.zeros((groups, cg, cg * kh * kw), dtype=x.dtype)
     for r0, r1 in _row_chunks(H, kh * kw * C * W * B, x.size):
-        acc += gb[:, r0:r1].reshape(C, -1) @ _im2col(xb, kh, kw, r0, r1, W).T
-    return acc.reshape(C, kh, kw, C)
+        z = _per_group(_im2col(xb, kh, kw, r0, r1, W), groups)
+        gm = _per_group(gb[:, r0:r1].reshape(C, -1), groups)
+        # z^T as a transposed view: BLAS reads it in place (no copy) for one group
+        acc += np.matmul(gm, np.swapaxes(z, -1, -2)).reshape(acc.shape)
+        del z  # before the next chunk's im2col is allocated
+    return acc.reshape(C, cg, kh, kw)
 
 
 # --------------------------------------------------------------------------
@@ -346,14 +371,14 @@ def _forward(x, weight, conv: Conv):
     blocks, rows, cols = _blocks(weight, conv, adjoint=False)
     if not _finite(x, blocks):
         return _reference()._forward(x, weight, conv)
-    return _apply(x, blocks, rows, cols)
+    return _apply(x, blocks, rows, cols, conv.groups)
 
 
 def _forward_adjoint(grad_y, weight, conv: Conv):
     blocks, rows, cols = _blocks(weight, conv, adjoint=True)
     if not _finite(grad_y, blocks):
         return _reference()._forward_adjoint(grad_y, weight, conv)
-    return _apply(grad_y, blocks, rows, cols)
+    return _apply(grad_y, blocks, rows, cols, conv.groups)
 
 
 def _solve(y, weight, conv: Conv):
@@ -374,18 +399,9 @@ def _weight_grad(grad_out, x, scale, conv: Conv):
     if not _finite(grad_out, x):
         return _reference()._weight_grad(grad_out, x, scale, conv)
     rows, cols = conv.row_sign < 0, conv.col_sign < 0
-    full = _weight_grad_canonical(_flip(grad_out, rows, cols), _flip(x, rows, cols),
-                                  conv.kh, conv.kw)
-    C, cg = conv.channels, conv.group_channels
-    out = np.empty((C, cg, conv.kh, conv.kw), dtype=x.dtype)
-    for g in range(conv.groups):
-        s = slice(g * cg, (g + 1) * cg)
-        # canonical offset (du, dv) is kernel tap (u, v) with u = kh-1-du for a padded top
-        out[s] = full[s][:, :, :, s].transpose(0, 3, 1, 2)
-    if conv.row_sign > 0:
-        out = out[:, :, ::-1, :]
-    if conv.col_sign > 0:
-        out = out[:, :, :, ::-1]
-    out = out * np.asarray(scale, dtype=x.dtype)
+    out = _weight_grad_canonical(_flip(grad_out, rows, cols), _flip(x, rows, cols),
+                                 conv.kh, conv.kw, conv.groups)
+    # canonical offset (du, dv) is kernel tap (u, v) with u = kh-1-du for a padded top
+    out = _flip(out, conv.row_sign > 0, conv.col_sign > 0) * np.asarray(scale, dtype=x.dtype)
     out[conv.ignored_mask()] = 0
-    return np.ascontiguousarray(out)
+    return out
