@@ -222,3 +222,22 @@ def test_scratch_is_a_small_multiple_of_the_input(shape):
         finally:
             tracemalloc.stop()
         assert peak <= 6 * x.nbytes, (f.__name__, peak / x.nbytes)
+
+
+def test_folded_operator_keeps_the_structural_zeros():
+    """A tile pixel depends only on window pixels above-left of it; LU with
+    pivoting leaves rounding noise elsewhere unless cleared, and that noise
+    would couple real pixels to the tile padding beyond the image's edge."""
+    rng = np.random.default_rng(11)
+    C, kh, kw, th, tw = 3, 3, 3, 2, 4
+    blocks = 2 * rng.standard_normal((kh, kw, C, C))
+    # a small diagonal makes partial pivoting swap rows of the tile's block
+    blocks[0, 0] = np.tril(blocks[0, 0], -1) + 0.5 * np.eye(C)
+    op = _cpu._folded_operator(blocks, th, tw, np.float64)
+    wh, ww = th + kh - 1, tw + kw - 1
+    op = op.reshape(C, th, tw, C, wh, ww)
+    r, s, qr, qc = np.meshgrid(np.arange(th), np.arange(tw), np.arange(wh), np.arange(ww),
+                               indexing="ij")
+    unreachable = (qr > r + kh - 1) | (qc > s + kw - 1)
+    assert unreachable.any()
+    np.testing.assert_array_equal(op.transpose(1, 2, 4, 5, 0, 3)[unreachable], 0.0)

@@ -323,6 +323,14 @@ def _folded_operator(blocks, th, tw, dtype):
     eye[np.arange(P), :, own, :] = np.eye(C)
     rhs += eye.reshape(P * C, Q * C)
     op = np.linalg.solve(a_pp, rhs).reshape(P, C, Q, C)
+    # Tile pixel p depends only on window pixels above-left of it (or itself).
+    # LU with pivoting can leave rounding noise instead of exact zeros
+    # elsewhere, which would couple real pixels to the tile padding beyond
+    # the image's right/bottom edge: clear those entries.
+    pr, pc = np.divmod(own, ww)
+    qr, qc = np.divmod(np.arange(Q), ww)
+    reach = (qr[None, :] <= pr[:, None]) & (qc[None, :] <= pc[:, None])
+    op *= reach[:, None, :, None]
     return np.ascontiguousarray(op.transpose(1, 0, 3, 2).reshape(C * P, C * Q)).astype(dtype)
 
 
