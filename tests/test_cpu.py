@@ -241,3 +241,19 @@ def test_folded_operator_keeps_the_structural_zeros():
     unreachable = (qr > r + kh - 1) | (qc > s + kw - 1)
     assert unreachable.any()
     np.testing.assert_array_equal(op.transpose(1, 2, 4, 5, 0, 3)[unreachable], 0.0)
+
+
+def test_tile_overhang_never_feeds_the_image(monkeypatch):
+    """Tiles of 1 x 8 on a 9-wide image overhang it by 7 columns.  With x[w] =
+    y[w] - 10 x[w-1] the row grows x10 a column and would overflow float32 in
+    the overhang; the next row's windows read that overhang (with exactly zero
+    coefficients, and 0 * Inf is NaN), so it must stay unsolved zeros."""
+    monkeypatch.setattr(_cpu, "_tile", lambda *args: (1, 8))
+    w = np.zeros((1, 1, 2, 2), dtype=np.float32)
+    w[0, 0, 1, 0] = 10.0                       # reads (h, w - 1); the diagonal is unit
+    y = np.zeros((1, 1, 2, 9), dtype=np.float32)
+    y[0, 0, :, 0] = 1e30
+    want = invconv.inv_conv2d(y, w, backend="reference")
+    assert np.isfinite(want).all() and np.abs(want).max() > 1e37
+    got = invconv.inv_conv2d(y, w, backend="cpu")
+    np.testing.assert_allclose(got, want, rtol=1e-5)

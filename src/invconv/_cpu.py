@@ -123,16 +123,19 @@ def _blocks(weight, conv: Conv, adjoint: bool):
 # layout: (B, C, H, W) <-> (C, H, W, B), batch innermost
 
 
-def _batch_last(x, hs, ws, top, left):
+def _batch_last(x, hs, ws, top, left, spare_rows=0):
     """(B, C, H, W) -> zeros (C, hs, ws, B) holding x at rows top.., columns left..
 
     Batch innermost makes every pixel's (image) values one contiguous run, so
     im2col slices and wavefront gathers copy long runs.  The layout change
     goes a few images at a time, which keeps both sides of the copy in cache
-    (about 6x faster than one strided copy, measured).
+    (about 6x faster than one strided copy, measured).  With ``spare_rows``
+    the array is the head of a zeroed (C*hs*ws + spare_rows, B) block (its
+    ``.base``), whose last rows take writes that must go nowhere.
     """
     B, C, H, W = x.shape
-    buf = np.zeros((C, hs, ws, B), dtype=x.dtype)
+    store = np.zeros(((C * hs * ws + spare_rows) * B,), dtype=x.dtype)
+    buf = store[:C * hs * ws * B].reshape(C, hs, ws, B)
     inner = buf[:, top:top + H, left:left + W]
     for b0 in range(0, B, _TRANSPOSE_IMAGES):
         b1 = min(B, b0 + _TRANSPOSE_IMAGES)
@@ -244,8 +247,9 @@ class _Plan:
     """Gather/scatter indices of the tiled wavefront for one (C, H, W, kh, kw, Th, Tw).
 
     The solution buffer is (C, Hs, Ws, B): the image placed at rows kh-1..,
-    columns kw-1.. of an Hs x Ws grid (zeros above/left, tile padding
-    below/right), viewed as (C*Hs*Ws, B) rows.  Step s gathers the rows
+    columns kw-1.. of an Hs x Ws grid (zeros above/left, and zeros where the
+    tiles overhang the image below/right), viewed as (C*Hs*Ws, B) rows plus
+    one spare row.  Step s gathers the rows
     ``gather[s]`` (channel, window pixel, tile) and scatters to the rows
     ``scatter[s]`` (channel, tile pixel, tile).  Row indices that include the
     channel make both one contiguous-row ``take``/assignment (for B = 1 the
@@ -261,12 +265,20 @@ class _Plan:
         win = (np.arange(wh)[:, None] * self.ws + np.arange(ww)[None, :]).reshape(1, -1, 1)
         own = ((kh - 1 + np.arange(th))[:, None] * self.ws
                + (kw - 1 + np.arange(tw))[None, :]).reshape(1, -1, 1)
+        # Tile pixels beyond the image (tiles that overhang its bottom/right)
+        # are solved but written to one spare row after the buffer, so the
+        # overhang keeps its zeros and never feeds a window.
+        self.spare = C * self.hs * self.ws
+        own_r, own_c = (a.reshape(1, -1, 1) for a in np.indices((th, tw)))
         self.gather, self.scatter = [], []
         for d in range(ni + nj - 1):
             i = np.arange(max(0, d - nj + 1), min(ni, d + 1))
-            corner = ((i * th) * self.ws + (d - i) * tw)[None, None, :]   # each tile's window
+            j = d - i
+            corner = ((i * th) * self.ws + j * tw)[None, None, :]   # each tile's window
             self.gather.append((channel + win + corner).reshape(-1))
-            self.scatter.append((channel + own + corner).reshape(-1))
+            inside = (i * th + own_r < H) & (j * tw + own_c < W)
+            scatter = np.where(inside, channel + own + corner, self.spare)
+            self.scatter.append(scatter.reshape(-1))
         self.nbytes = sum(a.nbytes for a in self.gather) + sum(a.nbytes for a in self.scatter)
 
 
@@ -350,9 +362,10 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
     Q = (th + kh - 1) * (tw + kw - 1)
     z_shape = (cg * Q, -1) if groups == 1 else (groups, cg * Q, -1)
     ops = ops[0] if groups == 1 else ops
-    buf = _batch_last(_flip(rhs, flip_rows, flip_cols), plan.hs, plan.ws, kh - 1, kw - 1)
+    buf = _batch_last(_flip(rhs, flip_rows, flip_cols), plan.hs, plan.ws, kh - 1, kw - 1,
+                      spare_rows=1)
     row_shape = (-1,) if B == 1 else (-1, B)
-    rows = buf.reshape(row_shape)
+    rows = buf.base.reshape(row_shape)   # the buffer's rows and the spare row
     for gather, scatter in zip(plan.gather, plan.scatter):
         z = rows.take(gather, axis=0).reshape(z_shape)
         rows[scatter] = np.matmul(ops, z).reshape(row_shape)
