@@ -1,6 +1,4 @@
-import importlib.util
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -17,15 +15,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE",
                                      "ci" if os.environ.get("CI") else "dev"))
 
 
-def _cpu_backends():
-    backends = ["reference"]
-    if (shutil.which(os.environ.get("CXX", "g++"))
-            and importlib.util.find_spec("invconv._emulated") is not None):
-        backends.append("emulator")
-    return backends
+from invconv import _backends
 
-
-CPU_BACKENDS = _cpu_backends()
+# Every registered host backend that can run here (the registry's probe).
+CPU_BACKENDS = list(_backends.names("numpy", available_only=True))
 
 
 @pytest.fixture(params=CPU_BACKENDS)

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 import invconv
+from conftest import CPU_BACKENDS
 from support import CORNERS, make_weight, nonfinite_reach, pads, structure
 
 # Backends held to this: the kernels skip ignored taps rather than multiply
 # them by the input (0 * NaN). The CUDA run lives in the GPU tests
 # (tests/test_gpu.py), through check_nonfinite_reach.
-BACKENDS = ["reference", "emulator"]
+BACKENDS = CPU_BACKENDS          # every registered host backend
 
 SHAPE = (2, 4, 4, 5)           # B, C, H, W: two groups of two channels with groups=2
 ARGUMENTS = {"conv2d": ["x"], "inv_conv2d": ["y"], "conv2d_vjp": ["grad_y", "x"],

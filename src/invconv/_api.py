@@ -40,8 +40,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _backends
+
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
-BACKENDS = ("reference", "cuda", "emulator")
+BACKENDS = _backends.names()
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # DLPack device types (dlpack.h, DLDeviceType).
@@ -263,8 +265,16 @@ class _Call:
     stream: object
 
 
-def _prepare(images: dict, weight, *, corner, groups, unit_diagonal, backend, stream) -> _Call:
-    """Validate the arguments of one op; images maps argument name -> array."""
+def _prepare(images: dict, weight, *, corner, groups, unit_diagonal, backend, stream,
+             solve=False, host_sync=True) -> _Call:
+    """Validate the arguments of one op and pick its backend.
+
+    images maps argument name -> array.  With ``solve=True`` (the op solves
+    with M or M^T) this is the one place that checks the diagonal; on CuPy
+    arrays that reads C values back to the host, so a caller that must not
+    synchronise (the torch adapter on CUDA) passes ``host_sync=False`` and
+    gets inf/NaN from a zero diagonal instead of an error.
+    """
     arrays, kinds = {}, {}
     for name, obj in images.items():
         arr, kind = as_array(obj, name)
@@ -300,39 +310,32 @@ def _prepare(images: dict, weight, *, corner, groups, unit_diagonal, backend, st
     backend = _resolve_backend(backend, kind)
     if stream is not None and kind != "cupy":
         raise ValueError("stream is only meaningful for CuPy arrays; pass stream=None")
+    if solve and (kind == "numpy" or host_sync):
+        check_nonsingular(weight, conv)
     return _Call(arrays, weight, conv, kind, backend, stream)
 
 
 def _resolve_backend(backend, kind: str) -> str:
+    """The registered backend for ``backend`` (None: the default for ``kind``)."""
     if backend is None:
-        return "cuda" if kind == "cupy" else "reference"
+        return _backends.default_for(kind)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
-    if backend in ("reference", "emulator") and kind == "cupy":
+    wants = _backends.spec(backend).kind
+    if wants == kind:
+        return backend
+    others = ", ".join(repr(n) for n in _backends.names(kind))
+    if wants == "numpy":
         raise ValueError(
             f"backend={backend!r} runs on the CPU and takes NumPy arrays; got CuPy "
-            f"arrays (use backend='cuda', or move them with cupy.asnumpy)")
-    if backend == "cuda" and kind != "cupy":
-        raise ValueError(
-            "backend='cuda' takes CuPy arrays on a CUDA device; got CPU arrays "
-            "(move them with cupy.asarray, or use backend='reference' or 'emulator')")
-    return backend
-
-
-def _backend_module(name: str):
-    import importlib
-    module = {"reference": "reference", "cuda": "_cuda", "emulator": "_emulated"}[name]
-    try:
-        return importlib.import_module(f"{__package__}.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.{module}":
-            raise
-        raise NotImplementedError(
-            f"backend={name!r} is not available in this version of invconv") from None
+            f"arrays (use backend={others}, or move them with cupy.asnumpy)")
+    raise ValueError(
+        f"backend={backend!r} takes CuPy arrays on a CUDA device; got CPU arrays "
+        f"(move them with cupy.asarray, or use backend={others})")
 
 
 def _run(call: _Call, method: str, *args):
-    impl = getattr(_backend_module(call.backend), method)
+    impl = getattr(_backends.load(call.backend), method)
     if call.stream is None:
         return impl(*args, call.conv)
     with call.stream:
@@ -352,16 +355,21 @@ _OPTIONS_DOC = """corner : {"top-left", "top-right", "bottom-left", "bottom-righ
         Channel groups, as in ``torch.nn.functional.conv2d``.
     unit_diagonal : bool
         Take the same-pixel diagonal as 1 (True, default) or use the stored one.
-    backend : {None, "reference", "cuda", "emulator"}
-        None picks by device: "reference" (SciPy) for CPU arrays, "cuda" for
-        CuPy arrays.  "emulator" runs the CUDA kernels on the CPU.
+    backend : {None, "cpu", "reference", "emulator", "cuda"}
+        None picks by device: "cpu" (NumPy/BLAS) for CPU arrays, "cuda" for
+        CuPy arrays.  "reference" is the SciPy ground truth, "emulator" runs
+        the CUDA kernels on the CPU.
     stream : cupy.cuda.Stream, optional
         Stream for the CUDA launches (default: CuPy's current stream).
         Only for CuPy arrays."""
 
 _ARRAYS_DOC = """Arrays may be NumPy, CuPy, or any object with ``__dlpack__`` (a CPU
     tensor comes back as a NumPy array, a CUDA tensor as a CuPy array).
-    Inputs are never modified.  NaN and Inf propagate."""
+    Inputs are never modified.  NaN and Inf propagate; on "reference" and
+    "cpu" a NaN or Inf reaches exactly the outputs that depend on it (the
+    "cpu" backend computes a call with a non-finite input by the
+    reference).  A finite input whose solution overflows may give NaN on
+    "cpu" where "reference" gives +-Inf."""
 
 
 def conv2d(x, weight, *, corner="top-left", groups=1, unit_diagonal=True,
@@ -426,8 +434,7 @@ def inv_conv2d(y, weight, *, corner="top-left", groups=1, unit_diagonal=True,
     {arrays}
     """
     call = _prepare({"y": y}, weight, corner=corner, groups=groups,
-                    unit_diagonal=unit_diagonal, backend=backend, stream=stream)
-    check_nonsingular(call.weight, call.conv)
+                    unit_diagonal=unit_diagonal, backend=backend, stream=stream, solve=True)
     y = call.arrays["y"]
     if y.size == 0:
         return _empty_like(y)
@@ -499,8 +506,7 @@ def inv_conv2d_vjp(grad_x, x, weight, *, corner="top-left", groups=1,
     {arrays}
     """
     call = _prepare({"grad_x": grad_x, "x": x}, weight, corner=corner, groups=groups,
-                    unit_diagonal=unit_diagonal, backend=backend, stream=stream)
-    check_nonsingular(call.weight, call.conv)
+                    unit_diagonal=unit_diagonal, backend=backend, stream=stream, solve=True)
     grad_x, x = call.arrays["grad_x"], call.arrays["x"]
     if x.size == 0:
         return _empty_like(x), _empty_like(call.weight)

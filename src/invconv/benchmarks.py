@@ -18,7 +18,9 @@ implementation available on the machine is timed:
 - ``dense-torch``: ``torch.linalg.solve_triangular`` on the dense operator, where it fits;
 - ``cudnn-conv2d``: ``torch.nn.functional.conv2d`` (forward, or forward+backward), the
   yardstick of what a convolution costs;
-- ``reference-cpu``: invconv's SciPy reference on the host CPU (wall clock);
+- ``invconv-cpu``: invconv's NumPy/BLAS backend on the host CPU (wall clock), and
+  ``reference-cpu``: its SciPy reference; for both, the peak memory Python
+  allocates during one call (tracemalloc) is recorded as ``peak_bytes``;
 - on a CPU-only machine: ``dense-torch-cpu`` and ``torch-conv2d-cpu``, the same
   torch alternatives on the CPU.
 
@@ -47,11 +49,13 @@ from datetime import datetime, timezone
 import numpy as np
 
 import invconv
-from invconv import _api
+from invconv import _api, _backends
 
 FLOW_SHAPES = [(100, 1, 28, 28), (100, 4, 14, 14), (100, 12, 16, 16), (100, 48, 8, 8),
                (100, 3, 32, 32), (16, 3, 64, 64), (4, 3, 256, 256)]
 QUICK_SHAPES = [(4, 1, 12, 12), (4, 4, 8, 8), (2, 3, 16, 16)]
+# The host suite: the flow shapes and one large single image.
+CPU_SHAPES = FLOW_SHAPES + [(1, 3, 256, 256)]
 OPS = ("inv", "inv_vjp", "conv", "conv_vjp")
 
 
@@ -279,13 +283,36 @@ def implementations(op, shape, k, weight, xp_sets, have_gpu, dense_limit_bytes,
     yield from _torch_alternatives(op, shape, k, weight, gsets if have_gpu else host_sets,
                                    "cuda" if have_gpu else "cpu", dense_limit_bytes)
 
-    ref = {
-        "inv": lambda y, g: invconv.reference.inv_conv2d(y, weight),
-        "inv_vjp": lambda x, g: invconv.reference.inv_conv2d_vjp(g, x, weight),
-        "conv": lambda x, g: invconv.reference.conv2d(x, weight),
-        "conv_vjp": lambda x, g: invconv.reference.conv2d_vjp(g, x, weight),
+    for backend in _backends.names("numpy", available_only=True):
+        if _backends.spec(backend).timed:
+            yield _host_row_name(backend), "cpu", _host_op(op, weight, backend), host_sets, None
+
+
+def _host_row_name(backend):
+    return "reference-cpu" if backend == "reference" else f"invconv-{backend}"
+
+
+HOST_ROWS = tuple(_host_row_name(b) for b in _backends.names("numpy"))
+
+
+def _host_op(op, weight, backend):
+    return {
+        "inv": lambda y, g: invconv.inv_conv2d(y, weight, backend=backend),
+        "inv_vjp": lambda x, g: invconv.inv_conv2d_vjp(g, x, weight, backend=backend),
+        "conv": lambda x, g: invconv.conv2d(x, weight, backend=backend),
+        "conv_vjp": lambda x, g: invconv.conv2d_vjp(g, x, weight, backend=backend),
     }[op]
-    yield "reference-cpu", "cpu", ref, host_sets, None
+
+
+def peak_bytes(fn, inputs):
+    """Peak bytes Python allocated (NumPy arrays included) during one call."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        fn(*inputs)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def _permuted_operator(weight, C, H, W):
@@ -364,7 +391,8 @@ def run(shapes, k, dtype, have_gpu, n_sets, repeats, budget_s, dense_limit_bytes
                           file=sys.stderr)
                     continue
                 med, q1, q3 = _quantiles(times)
-                shape_rows.append(dict(
+                peak = peak_bytes(fn, inputs[0]) if name in HOST_ROWS else None
+                shape_rows.append(dict(peak_bytes=peak,
                     op=op, implementation=name, shape=list(shape), kernel_size=k,
                     dtype=np.dtype(dtype).name, device=device, median_ms=med, q1_ms=q1,
                     q3_ms=q3, repeats=len(times), launches=launches,
@@ -372,10 +400,11 @@ def run(shapes, k, dtype, have_gpu, n_sets, repeats, budget_s, dense_limit_bytes
                     min_bytes=min_bytes(op, shape, k, np.dtype(dtype).itemsize)))
                 print(f"{op:9s} {str(shape):20s} {name:18s} {med:10.3f} ms", flush=True)
             # invconv's own row is the yardstick: its kernels on a GPU, else its
-            # reference backend (what invconv runs on the CPU); graph replays
+            # "cpu" backend (what invconv runs on the CPU by default); graph replays
             # are compared with invconv's graph replay.
             by_name = {r["implementation"]: r for r in shape_rows}
-            eager = by_name.get("invconv-cuda", by_name.get("reference-cpu"))
+            eager = by_name.get("invconv-cuda", by_name.get("invconv-cpu",
+                                                            by_name.get("reference-cpu")))
             for r in shape_rows:
                 graphed = r["implementation"].endswith("-graph")
                 base = by_name.get("invconv-cuda-graph") if graphed else eager
@@ -391,7 +420,7 @@ def run(shapes, k, dtype, have_gpu, n_sets, repeats, budget_s, dense_limit_bytes
 def environment(have_gpu):
     env = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                python=platform.python_version(), machine=platform.machine(),
-               processor=platform.processor(), numpy=np.__version__)
+               processor=platform.processor(), numpy=np.__version__, threads=_threads())
     import scipy
     env["scipy"] = scipy.__version__
     try:
@@ -408,6 +437,20 @@ def environment(have_gpu):
     return env
 
 
+def _threads():
+    """The thread settings the host rows ran under."""
+    import os
+    threads = {k: os.environ.get(k) for k in
+               ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    threads["cpus"] = os.cpu_count()
+    try:
+        import torch
+        threads["torch"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return threads
+
+
 def markdown(rows, env):
     lines = [f"Measured {env['date']} on {env.get('gpu', 'CPU only')} "
              f"(CuPy {env.get('cupy', '-')}, torch {env.get('torch', '-')}, "
@@ -415,20 +458,22 @@ def markdown(rows, env):
              f"[q1, q3]; ratio = time / invconv's time in the same run (for *-graph rows, "
              f"over invconv's own graph replay); us / step = time / diagonal steps; "
              f"/ cuDNN = time / cuDNN conv2d's of the same shape (forward for inv, "
-             f"forward + backward for inv_vjp).", "",
+             f"forward + backward for inv_vjp). Threads: {env.get('threads', '-')}; "
+             f"peak MB: memory Python allocated during one call (host backends).", "",
              "| op | shape (B,C,H,W) | implementation | median ms | [q1, q3] | ratio | launches "
-             "| diagonal steps | us / step | / cuDNN | GB/s at the byte floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| diagonal steps | us / step | / cuDNN | GB/s at the byte floor | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def num(value, digits=2):
         return "-" if value is None else f"{value:.{digits}f}"
     for r in rows:
+        peak = "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 1e6:.1f}"
         lines.append(
             f"| {r['op']} | {tuple(r['shape'])} | {r['implementation']} | {r['median_ms']:.3f} | "
             f"[{r['q1_ms']:.3f}, {r['q3_ms']:.3f}] | {num(r['ratio_to_invconv'])} | "
             f"{r['launches'] or '-'} | {r['diagonal_steps'] or '-'} | "
             f"{num(r.get('us_per_step'))} | {num(r.get('ratio_to_cudnn'))} | "
-            f"{r['GBps_floor']:.1f} |")
+            f"{r['GBps_floor']:.1f} | {peak} |")
     return "\n".join(lines) + "\n" + schedule_markdown(rows)
 
 
@@ -472,6 +517,8 @@ def main(argv=None):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small CPU shapes (about a minute)")
     mode.add_argument("--device-check", action="store_true", help="the GPU suite, time-boxed")
+    mode.add_argument("--cpu-suite", action="store_true",
+                      help="the flow shapes on the CPU, every host implementation (minutes)")
     p.add_argument("--out", required=True, help="JSON file for the rows")
     p.add_argument("--markdown", help="markdown table file")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -495,7 +542,10 @@ def main(argv=None):
         have_gpu = False
     if args.device_check and not have_gpu:
         p.error("--device-check needs CuPy and a CUDA device")
+    if args.cpu_suite:
+        have_gpu = False
     shapes = FLOW_SHAPES if (args.device_check or (have_gpu and not args.quick)) else QUICK_SHAPES
+    shapes = CPU_SHAPES if args.cpu_suite else shapes
     env = environment(have_gpu)
 
     def write(rows):  # after every shape, so a time-boxed run keeps what it measured

@@ -1,12 +1,13 @@
 """SciPy reference: the masked convolution as a sparse matrix.
 
-This is both invconv's CPU backend and the truth the CUDA kernels are tested
-against, so it stays simple: build the sparse operator ``M`` once per call,
-multiply by it for the convolution and its adjoint, and solve all batch
-columns in one :func:`scipy.sparse.linalg.spsolve_triangular` call (in
-pixel-major order, where ``M`` is lower-triangular) for the inverse and its
-adjoint.  The weight gradient is a correlation over shifted views, one GEMM
-per tap.  Everything is computed in float64 and returned in the input dtype.
+This is the truth the other backends are tested against (backend
+"reference"; the default CPU backend is the faster "cpu"), so it stays
+simple: build the sparse operator ``M`` once per call, multiply by it for
+the convolution and its adjoint, and solve all batch columns in one
+:func:`scipy.sparse.linalg.spsolve_triangular` call (in pixel-major order,
+where ``M`` is lower-triangular) for the inverse and its adjoint.  The
+weight gradient is a correlation over shifted views, one GEMM per tap.
+Everything is computed in float64 and returned in the input dtype.
 
 The functions here have the signatures of the public ones in :mod:`invconv`
 without ``backend`` (they are those functions with ``backend="reference"``).

@@ -18,8 +18,8 @@ no weight-gradient launch), double backward and Hessians, forward mode
 dimension joins the batch and a vmapped weight becomes extra channel groups,
 so a vmapped call is one launch, not a loop.
 
-CPU tensors go through the SciPy reference; CUDA tensors go to the CuPy
-kernels through DLPack without copies, on ``torch.cuda.current_stream()``,
+CPU tensors go through the NumPy/BLAS backend "cpu"; CUDA tensors go to the
+CuPy kernels through DLPack without copies, on ``torch.cuda.current_stream()``,
 with every CuPy allocation (outputs and scratch) served by PyTorch's caching
 allocator.  On CUDA no op synchronises with the host, so a zero on the
 diagonal with ``unit_diagonal=False`` is not checked there (it yields
@@ -98,12 +98,18 @@ def _cuda_context(device):
 
 
 def _run(method, images, weight, corner, groups, unit_diagonal, *extra):
-    """Apply backend ``method`` of :mod:`invconv._api` to tensors."""
+    """Apply backend ``method`` of :mod:`invconv._api` to tensors.
+
+    The backend is the registry's default for the tensors' device; the
+    diagonal check of a solve is :func:`invconv._api._prepare`'s, skipped on
+    CUDA where it would synchronise with the host.
+    """
     names = list(images)
     first = images[names[0]]
     if first.numel() == 0:
         like = weight if method == "_weight_grad" else first
         return like.new_zeros(like.shape)    # contiguous, like every result (see _like_first)
+    solve = method in ("_solve", "_solve_adjoint")
     if first.is_cuda:
         import cupy
         # Every DLPack exchange and launch happens on torch's current stream,
@@ -112,15 +118,13 @@ def _run(method, images, weight, corner, groups, unit_diagonal, *extra):
         with _cuda_context(first.device) as stream, stream:
             call = _api._prepare({n: cupy.from_dlpack(t.detach()) for n, t in images.items()},
                                  cupy.from_dlpack(weight.detach()), corner=corner,
-                                 groups=groups, unit_diagonal=unit_diagonal, backend="cuda",
-                                 stream=None)
+                                 groups=groups, unit_diagonal=unit_diagonal, backend=None,
+                                 stream=None, solve=solve, host_sync=False)
             out = _api._run(call, method, *_backend_args(method, call, extra))
             return torch.from_dlpack(out)
     call = _api._prepare({n: t.detach().numpy() for n, t in images.items()},
                          weight.detach().numpy(), corner=corner, groups=groups,
-                         unit_diagonal=unit_diagonal, backend=None, stream=None)
-    if method in ("_solve", "_solve_adjoint"):
-        _api.check_nonsingular(call.weight, call.conv)
+                         unit_diagonal=unit_diagonal, backend=None, stream=None, solve=solve)
     return torch.from_numpy(_api._run(call, method, *_backend_args(method, call, extra)))
 
 
