@@ -32,7 +32,7 @@ case "$part" in kernels|models|sweeps|all) ;; *) echo "unknown part: $part" >&2;
 mkdir -p "$out" "$out/tables"
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-export PYTHONPATH="$root/src:$root/bench:$root/tests${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 status=0
 steps="$out/steps.md"         # one line per step, across parts
