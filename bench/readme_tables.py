@@ -1,9 +1,9 @@
-"""The README's performance tables, from one device-check results folder.
+"""bench/README.md's GPU tables, from one device-check results folder.
 
     python3 bench/readme_tables.py bench/results/DATE-MACHINE-COMMIT
 
 Prints three markdown tables (solves against every alternative, the masked
-convolution against cuDNN, the scaling sweeps in GPU time), so the README
+convolution against cuDNN, the scaling sweeps in GPU time), so bench/README.md
 quotes the committed JSON exactly rather than by hand.
 """
 from __future__ import annotations

@@ -123,10 +123,10 @@ def test_scaling_sweeps_quick(tmp_path):
 
 
 def test_readme_quotes_the_results_it_names():
-    # The README's performance tables are printed by bench/readme_tables.py
+    # bench/README.md's GPU tables are printed by bench/readme_tables.py
     # from a committed results folder; they must match that folder exactly.
     import re
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "bench" / "README.md").read_text()
     folder = re.search(r"python3 bench/readme_tables\.py (\S+?)`", readme).group(1)
     out = run_script("readme_tables.py", ROOT / folder)
     tables = [t.strip() for t in out.split("\n\n") if t.strip()]
