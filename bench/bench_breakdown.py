@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from invconv import flows
+from invconv.benchmarks import wall_times_ms
 from invconv.torch import InvConv2d, MaskedConv2d
 
 PRESETS = ("inverse-flow", "finc-flow", "glow", "emerging", "snf-small", "snf-small-emerging")
@@ -107,15 +108,7 @@ def _model(preset, shape, device, seed=0):
 
 
 def _fastest_ms(fn, device, runs):
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.min(times))
+    return float(np.min(wall_times_ms(fn, device, runs, warmup=1)))
 
 
 def breakdown(preset, dataset, shape, device, runs):

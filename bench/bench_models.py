@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import warnings
 from datetime import datetime, timezone
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from invconv import flows
+from invconv.benchmarks import wall_times_ms
 
 CONFIGS = [("mnist", (1, 28, 28), 4), ("mnist", (1, 28, 28), 16),
            ("cifar10", (3, 32, 32), 4), ("cifar10", (3, 32, 32), 16)]
@@ -37,18 +37,8 @@ PRESETS = ("inverse-flow", "finc-flow", "glow", "emerging", "snf-small", "snf-sm
 NINE_LAYER = ("snf-small", "snf-small-emerging")   # fixed shape: K = 3, L = 3, no coupling
 
 
-def _time(fn, device, runs, warmup=2):
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+def _time(fn, device, runs):
+    times = wall_times_ms(fn, device, runs)
     return float(np.mean(times)), float(np.std(times))
 
 

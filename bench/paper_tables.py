@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import time
 from datetime import datetime, timezone
 
 import numpy as np
 import torch
 
 from invconv import data, flows
+from invconv.benchmarks import wall_times_ms
 
 TABLES = {"Table 2 (MNIST, K = 4, L = 2)": ("inverse-flow", "finc-flow", "glow", "emerging"),
           "Table 4 (9-layer MNIST flows)": ("snf-small", "snf-small-emerging")}
@@ -43,21 +43,8 @@ def _command(config, out):
     return " ".join(parts) + f" --out {out}"
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _times(fn, device, runs, warmup=2):
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append((time.perf_counter() - t0) * 1e3)
+def _times(fn, device, runs):
+    out = wall_times_ms(fn, device, runs)
     q1, med, q3 = np.percentile(out, [25, 50, 75])
     return dict(min_ms=float(np.min(out)), median_ms=float(med), q1_ms=float(q1),
                 q3_ms=float(q3), runs=runs)

@@ -173,6 +173,28 @@ def cpu_timer(fn, inputs, warmup=1, repeats=5, budget_s=3.0):
     return times
 
 
+def wall_times_ms(fn, device, runs, warmup=2):
+    """Wall-clock ms of ``runs`` calls of ``fn()`` after ``warmup`` calls.
+
+    Each call is ended by synchronising the torch ``device`` (nothing to wait
+    for on the CPU), so a CUDA time is the work's, not the launch's.
+    """
+    def sync():
+        if device.type == "cuda":
+            import torch
+            torch.cuda.synchronize(device)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return np.array(times)
+
+
 def min_bytes(op, shape, k, itemsize):
     """Each input read once, each output written once."""
     B, C, H, W = shape

@@ -610,16 +610,10 @@ def _train(args, path, device, stop_request):
 # evaluate / sample
 
 
-def _time(fn, device, runs, warmup=2):
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+def _time(fn, device, runs):
+    """(mean, std) ms of ``runs`` device-synchronised calls after warm-up."""
+    from .benchmarks import wall_times_ms
+    times = wall_times_ms(fn, device, runs)
     return float(np.mean(times)), float(np.std(times))
 
 
