@@ -9,16 +9,17 @@
 #include "common.cuh"
 
 // The sums of ic_masked_conv (common.cuh). A block works on one slab at a
-// time: group g and CH consecutive own channels c0.. of it (a slab
-// per blockIdx.y, grid-stride), with the CH x cg x kh x kw weights the slab
-// reads staged in shared memory when p.w_in_smem, laid out so that the CH
-// weights of one (offset, summed channel) are adjacent: slab[((du*kw + dv) *
-// cg + m) * CH + j]. Each thread computes P positions (image, pixel) of the
-// slab, so every weight read feeds P sums and every input value CH. Blocks
-// take tiles of P * blockDim consecutive positions; thread t owns positions t,
-// t + blockDim, ..., t + (P-1) blockDim of a tile, so each of its P reads is
-// coalesced across a warp. Every output sums the same terms in the same order
-// as ic_masked_conv, the ignored same-pixel taps skipped alike.
+// time, group g and CH consecutive own channels c0.. of it (slabs by
+// blockIdx.y, grid-stride), with the CH x cg x kh x kw weights the slab reads
+// staged in shared memory when p.w_in_smem (else read from w), laid out so
+// that the CH weights of one (offset, summed channel) are adjacent:
+// slab[((du*kw + dv) * cg + m) * CH + j]. Each thread computes P positions
+// (image, pixel) of the slab, so every weight read feeds P sums and every
+// input value CH. Blocks take tiles of P * blockDim consecutive positions
+// (by blockIdx.x, grid-stride); thread t owns positions t, t + blockDim, ...,
+// t + (P-1) blockDim of a tile, so each of its P reads is coalesced across a
+// warp. Every output sums the same terms in the same order as ic_masked_conv,
+// the ignored same-pixel taps skipped alike.
 
 // The weight coupling own channel c0 + j with summed channel m at offset
 // (du, dv): W_eff[own, m] (forward) or W_eff[m, own] (adjoint); ignored
@@ -30,7 +31,7 @@ __device__ __forceinline__ T ic_slab_weight(const T* w, const IcParams& s, int g
                : ic_weight(w, s, gbase + c0 + j, m, du, dv);
 }
 
-// One slab; the weights come from `slab` (STAGED) or from w itself.
+// One slab; wts is the staged slab (STAGED) or w itself.
 template <typename T, int CH, int P, bool ADJ, bool STAGED>
 __device__ __forceinline__ void ic_conv_slab(const T* __restrict__ in, const T* wts,
                                              T* __restrict__ out, const IcParams& s,
