@@ -6,7 +6,7 @@
 # at most, 15 minutes of device time a task), so it runs in parts, each its
 # own call, all writing to one RESULTS_DIR; summary.md is rebuilt after each:
 #
-#   bash bench/device_check.sh RESULTS_DIR kernels   # GPU tests, sanitizers, schedules, op bench (~6 min est.)
+#   bash bench/device_check.sh RESULTS_DIR kernels   # GPU tests, sanitizers, schedules, op bench (~7.5 min est.)
 #   bash bench/device_check.sh RESULTS_DIR models    # capture tests, model timings, layer breakdown (not yet timed)
 #   bash bench/device_check.sh RESULTS_DIR sweeps    # host cost per call, scaling sweeps (~3 min est.)
 #   bash bench/device_check.sh RESULTS_DIR           # all three, one after another
@@ -24,7 +24,11 @@
 # sweeps time each beside the default (summary.md: "Solve schedules"), so the
 # default can be chosen by measurement. INVCONV_CHECK_SCHEDULES overrides the
 # list (comma-separated; empty for none), INVCONV_CHECK_SWEEP_SCHEDULES the
-# shorter one the sweeps time.
+# shorter one the sweeps time. The convolution schedules off by default
+# (INVCONV_CONV_SCHEDULE) likewise: GPU tests, memcheck and racecheck (they
+# stage weights in shared memory) under each, and the op bench times the
+# convolution and its vjp under each (summary.md: "Convolution schedules");
+# INVCONV_CHECK_CONV_SCHEDULES overrides that list.
 set -u
 out=${1:?usage: bash bench/device_check.sh RESULTS_DIR [kernels|models|sweeps|all]}
 part=${2:-all}
@@ -64,16 +68,22 @@ step() {  # step NAME LOG TIMEOUT CMD...: run, append to LOG, record pass/fail
 
 schedules=${INVCONV_CHECK_SCHEDULES-lanes,diagonal:2,diagonal:4,tiled,tiled:16x16}
 sweep_schedules=${INVCONV_CHECK_SWEEP_SCHEDULES-diagonal:2,tiled}
+conv_schedules=${INVCONV_CHECK_CONV_SCHEDULES-smem:1,smem,smem:4}
 
 if [ "$part" = kernels ] || [ "$part" = all ]; then
   step gpu_tests gpu_tests.log 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_torch_gpu.py
   step memcheck sanitizer.log 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py
   step racecheck sanitizer.log 90 compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
   for schedule in ${schedules//,/ }; do
-    step "gpu_tests[$schedule]" gpu_tests.log 120 env INVCONV_SOLVE_SCHEDULE="$schedule" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k "(matches_reference and float32) or nan_and_inf or graph"
+    step "gpu_tests[$schedule]" gpu_tests.log 120 env INVCONV_SOLVE_SCHEDULE="$schedule" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k "(matches_reference and float32) or (nonfinite and inv_conv2d) or graph"
     step "memcheck[$schedule]" sanitizer.log 90 env INVCONV_SOLVE_SCHEDULE="$schedule" compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py
   done
-  step bench_ops bench.log 240 python3 bench/bench_ops.py --device-check --schedules "$schedules" --out "$out/ops.json" --markdown "$tables/ops.md"
+  for schedule in ${conv_schedules//,/ }; do
+    step "gpu_tests[$schedule]" gpu_tests.log 120 env INVCONV_CONV_SCHEDULE="$schedule" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k "(matches_reference and float32) or (nonfinite and conv2d and not inv_conv2d)"
+    step "memcheck[$schedule]" sanitizer.log 90 env INVCONV_CONV_SCHEDULE="$schedule" compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py
+    step "racecheck[$schedule]" sanitizer.log 90 env INVCONV_CONV_SCHEDULE="$schedule" compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
+  done
+  step bench_ops bench.log 300 python3 bench/bench_ops.py --device-check --schedules "$schedules${conv_schedules:+,$conv_schedules}" --out "$out/ops.json" --markdown "$tables/ops.md"
 fi
 if [ "$part" = models ] || [ "$part" = all ]; then
   step capture_tests gpu_tests.log 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_capture.py

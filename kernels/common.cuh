@@ -1,4 +1,4 @@
-// invconv kernels: helpers shared by forward.cu and backward.cu.
+// invconv kernels: helpers shared by forward.cu, backward.cu and conv_smem.cu.
 //
 // Rules for every file in kernels/. The same sources are compiled by NVRTC
 // (through cupy.RawModule) and by the host C++ compiler for the CPU emulator
@@ -58,6 +58,7 @@ struct IcParams {
     int lanes;               // untiled solves: threads own fixed (channel, place) lanes
     int tile_h, tile_w;      // tiled solves: tile size in pixels
     int tiles_h, tiles_w;    // tiled solves: tiles per slice
+    int w_in_smem;           // convolutions, schedule smem: the slab's weights sit in shared memory
 
     // Weight tap index (u, v) of offset (du, dv).
     __device__ __forceinline__ int tap_u(int du) const { return rs > 0 ? kh - 1 - du : du; }

@@ -67,6 +67,27 @@ def test_ratio_to_cudnn_pairs_each_solve_with_its_convolution():
     assert rows[0]["ratio_to_cudnn"] is None
 
 
+def test_schedule_tables_put_each_schedule_beside_the_ops_it_changes():
+    from invconv.benchmarks import schedule_family, schedule_markdown
+    assert schedule_family("smem:4") == "conv" and schedule_family("tiled:8x8") == "solve"
+    shape = [100, 48, 8, 8]
+    rows = [dict(op=op, implementation=impl, median_ms=ms, shape=shape, us_per_step=ms * 1e3 / 15)
+            for op, impl, ms in [("inv", "invconv-cuda-graph", 0.4),
+                                 ("inv", "invconv-lanes-cuda-graph", 0.2),
+                                 ("conv", "invconv-cuda-graph", 0.1),
+                                 ("conv", "invconv-smem:4-cuda-graph", 0.05),
+                                 ("conv", "cudnn-conv2d", 0.04)]]
+    solve, conv = schedule_markdown(rows).split("Convolution schedules")
+    assert "Solve schedules" in solve and "lanes ms" in solve and "smem" not in solve
+    table = [line for line in conv.splitlines() if line.startswith("| ")]
+    assert table[0] == "| op | shape (B,C,H,W) | default ms | default / cuDNN | smem:4 ms |"
+    # default / cuDNN = 0.1 / 0.04, the schedule over the default = 0.05 / 0.1
+    assert table[1] == "| conv | (100, 48, 8, 8) | 0.100 | 2.50 | 0.050 (0.50) |"
+    solve_rows = [line for line in solve.splitlines() if line.startswith("| inv ")]
+    assert solve_rows == ["| inv | (100, 48, 8, 8) | 0.400 | 26.67 | 10.00 | 0.200 (0.50) |"]
+    assert schedule_markdown(rows[2:3]) == ""
+
+
 def test_bench_refuses_an_unknown_schedule(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--quick", "--out", "x.json", "--schedules", "fastest"])

@@ -84,6 +84,23 @@ def test_nonfinite_reach_under_the_other_schedules(op, schedule):
                 check_nonfinite_reach(run, op, value, "bottom-left", groups, unit, np.float64)
 
 
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
+@pytest.mark.parametrize("op", ["conv2d", "conv2d_vjp"])
+def test_nonfinite_reach_under_the_conv_schedule(op, staged):
+    # The same check for the convolutions' "smem" schedule, its weights in
+    # shared memory and read from global memory (the fallback), both corner
+    # signs.
+    from test_nonfinite import check_nonfinite_reach
+
+    def run(op, args, opts):
+        return getattr(invconv, op)(*args, backend="emulator", **opts)
+    limits = dict(block=7, max_block=7, max_grid=3, **({} if staged else dict(smem_bytes=0)))
+    with _emulated.launch_limits(**limits), _emulated._ops.using_schedule("smem:4"):
+        for value in (np.nan, np.inf):
+            for corner, groups, unit in (("bottom-left", 1, True), ("top-right", 2, False)):
+                check_nonfinite_reach(run, op, value, corner, groups, unit, np.float64)
+
+
 class _CountingModule:
     def __init__(self, module, counts):
         self.module, self.counts = module, counts
@@ -175,12 +192,100 @@ def test_schedule_option_is_checked():
     assert SolveSchedule.parse("") == SolveSchedule("diagonal")
     assert SolveSchedule.parse("tiled:8x16") == SolveSchedule("tiled", tile_h=8, tile_w=16)
     assert SolveSchedule.parse("lanes:4") == SolveSchedule("lanes", channels=4)
-    for bad in ("fast", "tiled:0x4", "tiled:8", "lanes:4x4", "diagonal:3", "tiled:2"):
+    for bad in ("fast", "tiled:0x4", "tiled:8", "lanes:4x4", "diagonal:3", "tiled:2", "smem"):
         with pytest.raises(ValueError, match="INVCONV_SOLVE_SCHEDULE"):
             SolveSchedule.parse(bad)
 
 
-@pytest.mark.parametrize("schedule", ["diagonal", "lanes:2", "tiled:2x2"])
+def test_conv_schedule_option_is_checked():
+    from invconv._kernels import ConvSchedule, SolveSchedule, parse_schedule
+    assert ConvSchedule.parse("") == ConvSchedule("direct")
+    assert ConvSchedule.parse("smem") == ConvSchedule("smem", pixels=2)
+    assert ConvSchedule.parse(" smem:4 ") == ConvSchedule("smem", pixels=4)
+    for bad in ("smem:3", "smem:0", "smem:2x2", "direct:2", "lanes", "smem:8"):
+        with pytest.raises(ValueError, match="INVCONV_CONV_SCHEDULE"):
+            ConvSchedule.parse(bad)
+    # Either kind by name, for the benchmarks' --schedules and using_schedule.
+    assert parse_schedule("smem:1") == ConvSchedule("smem", pixels=1)
+    assert parse_schedule("tiled:4x4") == SolveSchedule("tiled", tile_h=4, tile_w=4)
+    with pytest.raises(ValueError, match="INVCONV_SOLVE_SCHEDULE.*INVCONV_CONV_SCHEDULE"):
+        parse_schedule("fastest")
+    ops = _emulated._ops
+    before = (ops.schedule, ops.conv_schedule)
+    with ops.using_schedule("smem:4") as chosen:
+        assert (ops.schedule, ops.conv_schedule) == (before[0], chosen)
+        with ops.using_schedule(SolveSchedule("lanes")):
+            assert (ops.schedule, ops.conv_schedule) == (SolveSchedule("lanes"), chosen)
+    assert (ops.schedule, ops.conv_schedule) == before
+    with pytest.raises(TypeError, match="schedule must be"):
+        with ops.using_schedule(4):
+            pass
+
+
+def test_conv_schedule_is_read_from_the_environment(monkeypatch):
+    from invconv._kernels import ConvSchedule, KernelOps
+    monkeypatch.setenv("INVCONV_CONV_SCHEDULE", "smem:4")
+    assert KernelOps(np, None, None).conv_schedule == ConvSchedule("smem", pixels=4)
+    monkeypatch.setenv("INVCONV_CONV_SCHEDULE", "smem:5")
+    with pytest.raises(ValueError, match="INVCONV_CONV_SCHEDULE"):
+        KernelOps(np, None, None)
+
+
+# Shapes for the convolutions' "smem" schedule: channels per group 1, 2, 4
+# (one whole chunk of 4 channels a thread), 3 (a partial chunk) and 5 and 7
+# (chunks of 2, the last partial), in two groups where a chunk could run into
+# the next group; sides of 1; a 1x1 kernel; (image, pixel) positions that
+# neither P nor the block divide.
+CONV_SHAPES = [  # (B, C, groups, H, W, kh, kw)
+    (2, 1, 1, 5, 7, 3, 2), (3, 4, 2, 1, 6, 3, 3), (1, 10, 2, 7, 1, 2, 3),
+    (2, 6, 2, 3, 5, 3, 3), (1, 7, 1, 4, 3, 2, 2), (3, 4, 1, 2, 3, 1, 1),
+]
+CONV_LIMITS = {
+    "default": {},
+    # blocks that divide nothing; fewer blocks than slabs, so a block stages
+    # the weights of several slabs one after another
+    "block-7-grid-2": dict(block=7, max_block=7, max_grid=2),
+    # the weights stay in global memory
+    "no-smem": dict(block=33, max_block=33, smem_bytes=0),
+}
+
+
+@pytest.mark.parametrize("limits", CONV_LIMITS.values(), ids=CONV_LIMITS.keys())
+@pytest.mark.parametrize("schedule", ["smem:1", "smem", "smem:4"])
+def test_conv_schedule_matches_reference(schedule, limits, monkeypatch):
+    from invconv import _kernels
+    staged = []
+    original = _kernels.kernel_params
+
+    def recording(shape, conv, **choices):
+        staged.append(choices.get("w_in_smem"))
+        return original(shape, conv, **choices)
+    monkeypatch.setattr(_kernels, "kernel_params", recording)
+    rng = np.random.default_rng(len(schedule))
+    for B, C, G, H, W, kh, kw in CONV_SHAPES:
+        corner = invconv.CORNERS[rng.integers(4)]
+        unit = bool(rng.integers(2))
+        w = make_weight(rng, C, G, kh, kw, corner, unit, junk=np.nan)
+        x, g = rng.standard_normal((2, B, C, H, W))
+        opts = dict(corner=corner, groups=G, unit_diagonal=unit)
+        want = invconv.reference.conv2d(x, w, **opts)
+        want_vjp = invconv.reference.conv2d_vjp(g, x, w, **opts)
+        with (_emulated.launch_limits(**limits), _emulated._ops.using_schedule(schedule),
+              counting_launches() as launched):
+            got = invconv.conv2d(x, w, backend="emulator", **opts)
+            got_vjp = invconv.conv2d_vjp(g, x, w, backend="emulator", **opts)
+        assert_close(got, want)
+        for a, e in zip(got_vjp, want_vjp):
+            assert_close(a, e)
+        pixels = _kernels.ConvSchedule.parse(schedule).pixels
+        assert {name.split("<")[0] for name in launched} >= {
+            "masked_conv_forward_smem", "masked_conv_adjoint_smem"}
+        assert all(name.endswith(f", {pixels}>") for name in launched if "_smem" in name)
+    # Both convolutions took the path the limits allow.
+    assert set(staged) - {None} == ({0} if limits.get("smem_bytes") == 0 else {1})
+
+
+@pytest.mark.parametrize("schedule", ["diagonal", "lanes:2", "tiled:2x2", "smem:4"])
 @pytest.mark.parametrize("op", ["conv2d", "inv_conv2d", "conv2d_vjp", "inv_conv2d_vjp"])
 def test_launch_count_does_not_grow_with_the_image(op, schedule):
     rng = np.random.default_rng(0)
@@ -223,7 +328,9 @@ from invconv import _emulated
 rng = np.random.default_rng(0)
 for limits, schedule in (({}, "diagonal"), ({"smem_bytes": 0, "block": 33, "max_block": 33}, "lanes:2"),
                          ({"block": 7, "max_block": 7}, "diagonal:4"),
-                         ({"block": 33, "max_block": 33}, "tiled:2x3")):
+                         ({"block": 33, "max_block": 33}, "tiled:2x3"),
+                         ({"block": 7, "max_block": 7, "max_grid": 2}, "smem:4"),
+                         ({"block": 33, "max_block": 33, "smem_bytes": 0}, "smem:2")):
     with _emulated.launch_limits(**limits), _emulated._ops.using_schedule(schedule):
         for corner, groups in (("top-left", 1), ("bottom-right", 3)):
             w = rng.uniform(-0.05, 0.05, (3, 3 // groups, 3, 2))

@@ -26,6 +26,15 @@ slice feeding several sums). Only the default is measured on a GPU yet; the
 others are chosen on request: ``INVCONV_SOLVE_SCHEDULE`` (read when a backend
 starts, e.g. ``lanes``, ``diagonal:4`` or ``tiled:16x32``) or
 :meth:`KernelOps.using_schedule`.
+
+The convolutions have schedules too (:class:`ConvSchedule`): ``direct``, the
+default, one thread per (pixel, channels of a group) reading the weights from
+global memory; ``smem``, for many channels, each block staging the weights of
+its (group, channels) slab in shared memory (when they fit) and each thread
+computing several pixels (``smem:P``, P in 1, 2 or 4; 2 by default), so a
+weight read feeds P sums. Not yet measured on a GPU, it is chosen on request:
+``INVCONV_CONV_SCHEDULE`` or :meth:`KernelOps.using_schedule` with a
+:class:`ConvSchedule`.
 """
 from __future__ import annotations
 
@@ -47,6 +56,8 @@ KERNELS = {
     "backward.cu": ("masked_conv_adjoint", "inv_conv_solve_adjoint",
                     "inv_conv_solve_adjoint_tiled", "conv_weight_grad_partial",
                     "conv_weight_grad_combine"),
+    # The convolutions' "smem" schedule, compiled only when it is used.
+    "conv_smem.cu": ("masked_conv_forward_smem", "masked_conv_adjoint_smem"),
 }
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 WG_TAPS = 9  # IC_WG_TAPS in backward.cu: partial sums per thread in the weight gradient
@@ -55,10 +66,17 @@ CONV_CHANNELS = (1, 2, 4)
 # Channels per thread (template argument CH) of the untiled solves: 1 by
 # default, 2 or 4 on request (register tiling, not yet measured on a GPU).
 SOLVE_CHANNELS = (1, 2, 4)
-_EXTRA_TEMPLATE_ARGS = {"masked_conv_forward": CONV_CHANNELS,
-                        "masked_conv_adjoint": CONV_CHANNELS,
-                        "inv_conv_solve": SOLVE_CHANNELS,
-                        "inv_conv_solve_adjoint": SOLVE_CHANNELS}
+# Pixels per thread (template argument P) of the convolutions' "smem" schedule.
+CONV_PIXELS = (1, 2, 4)
+# The template arguments after T of each instantiation, per kernel.
+_EXTRA_TEMPLATE_ARGS = {
+    "masked_conv_forward": [(ch,) for ch in CONV_CHANNELS],
+    "masked_conv_adjoint": [(ch,) for ch in CONV_CHANNELS],
+    "masked_conv_forward_smem": [(ch, px) for ch in CONV_CHANNELS for px in CONV_PIXELS],
+    "masked_conv_adjoint_smem": [(ch, px) for ch in CONV_CHANNELS for px in CONV_PIXELS],
+    "inv_conv_solve": [(ch,) for ch in SOLVE_CHANNELS],
+    "inv_conv_solve_adjoint": [(ch,) for ch in SOLVE_CHANNELS],
+}
 
 
 def conv_channels_per_thread(group_channels: int) -> int:
@@ -75,7 +93,7 @@ def conv_channels_per_thread(group_channels: int) -> int:
 # The members of IcParams (kernels/common.cuh), in order; all int32.
 PARAM_FIELDS = ("B", "C", "H", "W", "G", "cg", "kh", "kw", "rs", "cs", "unit",
                 "kp_in_smem", "slice_in_smem", "nsplit", "lanes",
-                "tile_h", "tile_w", "tiles_h", "tiles_w")
+                "tile_h", "tile_w", "tiles_h", "tiles_w", "w_in_smem")
 PARAMS_DTYPE = np.dtype([(name, np.int32) for name in PARAM_FIELDS])
 
 
@@ -134,6 +152,49 @@ class SolveSchedule:
         raise ValueError(usage)
 
 
+CONV_SCHEDULES = ("direct", "smem")
+DEFAULT_CONV_PIXELS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSchedule:
+    """How the convolutions are scheduled (see the module docstring)."""
+
+    kind: str = "direct"
+    pixels: int = DEFAULT_CONV_PIXELS   # per thread, schedule smem
+
+    @classmethod
+    def parse(cls, text: str) -> "ConvSchedule":
+        """``"direct"``, or ``"smem"`` optionally with pixels per thread
+        (``"smem:4"``; 1, 2 or 4)."""
+        kind, _, arg = (text or "direct").strip().partition(":")
+        usage = (f"INVCONV_CONV_SCHEDULE must be direct, or smem[:P] with P in "
+                 f"{', '.join(map(str, CONV_PIXELS))} pixels a thread; got {text!r}")
+        if kind not in CONV_SCHEDULES or (kind == "direct" and arg):
+            raise ValueError(usage)
+        if not arg:
+            return cls(kind)
+        try:
+            if int(arg) in CONV_PIXELS:
+                return cls(kind, pixels=int(arg))
+        except ValueError:
+            pass
+        raise ValueError(usage)
+
+
+def parse_schedule(text: str) -> "SolveSchedule | ConvSchedule":
+    """A solve or a convolution schedule from its text form, told apart by
+    its kind (the two sets of names are disjoint)."""
+    if (text or "").strip().partition(":")[0] in CONV_SCHEDULES:
+        return ConvSchedule.parse(text)
+    try:
+        return SolveSchedule.parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or a convolution schedule (INVCONV_CONV_SCHEDULE): "
+                         f"direct, or smem[:P] with P in "
+                         f"{', '.join(map(str, CONV_PIXELS))}") from None
+
+
 def template_name(kernel: str, dtype, *extra) -> str:
     """``"inv_conv_solve<float>"``, ``"masked_conv_forward<double, 2>"``: the
     name expression of one instantiation."""
@@ -143,7 +204,7 @@ def template_name(kernel: str, dtype, *extra) -> str:
 def name_expressions(source: str) -> list[str]:
     names = []
     for kernel in KERNELS[source]:
-        extras = [(v,) for v in _EXTRA_TEMPLATE_ARGS.get(kernel, ())] or [()]
+        extras = _EXTRA_TEMPLATE_ARGS.get(kernel, [()])
         names += [template_name(kernel, t, *e) for t in _CTYPES for e in extras]
     return names
 
@@ -191,18 +252,26 @@ class KernelOps:
         self.limits_for = limits_for
         self._functions = {}
         self.schedule = SolveSchedule.parse(os.environ.get("INVCONV_SOLVE_SCHEDULE", ""))
+        self.conv_schedule = ConvSchedule.parse(os.environ.get("INVCONV_CONV_SCHEDULE", ""))
 
     @contextlib.contextmanager
     def using_schedule(self, schedule):
-        """Run the solves with ``schedule`` (a :class:`SolveSchedule` or its
-        text form) inside the block; not thread-safe."""
-        saved = self.schedule
-        self.schedule = (schedule if isinstance(schedule, SolveSchedule)
-                         else SolveSchedule.parse(schedule))
+        """Run the solves with ``schedule`` (a :class:`SolveSchedule`), or the
+        convolutions with it (a :class:`ConvSchedule`), or either from its
+        text form (:func:`parse_schedule`), inside the block; not
+        thread-safe."""
+        if isinstance(schedule, str):
+            schedule = parse_schedule(schedule)
+        which = "conv_schedule" if isinstance(schedule, ConvSchedule) else "schedule"
+        if not isinstance(schedule, (SolveSchedule, ConvSchedule)):
+            raise TypeError(f"schedule must be a SolveSchedule, a ConvSchedule or a string, "
+                            f"got {type(schedule).__name__}")
+        saved = getattr(self, which)
+        setattr(self, which, schedule)
         try:
-            yield self.schedule
+            yield schedule
         finally:
-            self.schedule = saved
+            setattr(self, which, saved)
 
     # -- helpers ---------------------------------------------------------
     # Host time matters at flow sizes, where a kernel runs for microseconds:
@@ -240,6 +309,8 @@ class KernelOps:
     # -- ops -------------------------------------------------------------
     def _elementwise(self, source, kernel, a, weight, conv):
         a, weight = self._contiguous(a), self._contiguous(weight)
+        if self.conv_schedule.kind == "smem":
+            return self._slabs(kernel + "_smem", a, weight, conv)
         out = self.xp.empty(a.shape, dtype=a.dtype)
         per_thread = conv_channels_per_thread(conv.group_channels)
         fn, max_threads = self._function(source, kernel, a.dtype, per_thread)
@@ -249,6 +320,30 @@ class KernelOps:
         threads = B * conv.groups * -(-conv.group_channels // per_thread) * H * W
         fn((self._grid(threads, block, lim),), (block,),
            (a, weight, out, kernel_params(a.shape, conv)))
+        return out
+
+    def _slabs(self, kernel, a, weight, conv):
+        """The convolutions' "smem" schedule (see ic_masked_conv_slabs in
+        common.cuh): a grid of (tiles of pixels) x (group, channels) slabs."""
+        out = self.xp.empty(a.shape, dtype=a.dtype)
+        cg = conv.group_channels
+        per_thread = conv_channels_per_thread(cg)
+        pixels = self.conv_schedule.pixels
+        fn, max_threads = self._function("conv_smem.cu", kernel, a.dtype, per_thread, pixels)
+        lim = self.limits
+        slab_bytes = per_thread * cg * conv.kh * conv.kw * a.dtype.itemsize
+        w_in_smem = slab_bytes <= lim.smem_bytes
+        shared = slab_bytes if w_in_smem else 0
+        if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
+            fn.max_dynamic_shared_size_bytes = shared
+        block = self._block(max_threads, lim.block)
+        B, C, H, W = a.shape
+        slabs = conv.groups * -(-cg // per_thread)
+        grid_y = min(slabs, lim.max_grid, 65535)
+        grid_x = max(1, min(-(-B * H * W // (block * pixels)), lim.max_grid // grid_y))
+        fn((grid_x, grid_y), (block,),
+           (a, weight, out, kernel_params(a.shape, conv, w_in_smem=int(w_in_smem))),
+           shared_mem=shared)
         return out
 
     def forward(self, x, weight, conv):

@@ -11,8 +11,9 @@ implementation available on the machine is timed:
 - ``*-graph``: invconv and the per-diagonal baseline captured once into a CUDA
   graph and timed as replays, i.e. the GPU work without Python's launch cost;
 - ``invconv-SCHEDULE-cuda-graph`` (with ``--schedules``): the inverse and its
-  vjp under a solve schedule that is off by default (see invconv._kernels),
-  to choose by measurement;
+  vjp under a solve schedule that is off by default, or the convolution and
+  its vjp under a convolution schedule that is (see invconv._kernels), to
+  choose by measurement;
 - ``per-diagonal-cuda``: the same kernel maths, one launch per anti-diagonal;
 - ``cusparse``: ``cupyx.scipy.sparse.linalg.spsolve_triangular`` on the operator;
 - ``dense-torch``: ``torch.linalg.solve_triangular`` on the dense operator, where it fits;
@@ -219,8 +220,9 @@ def _per_diagonal():
 
 
 def with_schedule(fn, schedule):
-    """``fn`` with the CUDA backend's solves under ``schedule`` (its text form)
-    while it runs, a CUDA-graph capture included."""
+    """``fn`` with the CUDA backend's solves, or its convolutions, under
+    ``schedule`` (its text form) while it runs, a CUDA-graph capture
+    included."""
     from invconv import _cuda
 
     def scheduled(*args):
@@ -231,6 +233,14 @@ def with_schedule(fn, schedule):
 
 # The convolution each solve is measured against (issue 12's targets).
 CUDNN_COUNTERPART = {"inv": "conv", "inv_vjp": "conv_vjp"}
+# The ops each kind of schedule changes.
+SCHEDULED_OPS = {"solve": ("inv", "inv_vjp"), "conv": ("conv", "conv_vjp")}
+
+
+def schedule_family(schedule):
+    """``"solve"`` or ``"conv"``: which ops a schedule's text form changes."""
+    from ._kernels import ConvSchedule, parse_schedule
+    return "conv" if isinstance(parse_schedule(schedule), ConvSchedule) else "solve"
 
 
 def add_step_and_cudnn_measures(rows):
@@ -264,8 +274,8 @@ def implementations(op, shape, k, weight, xp_sets, have_gpu, dense_limit_bytes,
         fn, launches = ops[op]
         yield "invconv-cuda", "cuda", fn, gsets, launches
         yield "invconv-cuda-graph", "cuda", CudaGraphReplay(fn), gsets, launches
-        if op in ("inv", "inv_vjp"):
-            for schedule in schedules:
+        for schedule in schedules:
+            if op in SCHEDULED_OPS[schedule_family(schedule)]:
                 yield (f"invconv-{schedule}-cuda-graph", "cuda",
                        CudaGraphReplay(with_schedule(fn, schedule)), gsets, launches)
 
@@ -500,32 +510,42 @@ def markdown(rows, env):
 
 
 def schedule_markdown(rows):
-    """The solve schedules side by side (graph replays; empty without
-    ``--schedules`` rows): what a default-schedule rule is chosen from."""
+    """The solve schedules side by side, then the convolution schedules
+    (graph replays; empty without ``--schedules`` rows): what a
+    default-schedule rule is chosen from."""
+    return (_schedule_table(rows, "Solve schedules", SCHEDULED_OPS["solve"], steps=True)
+            + _schedule_table(rows, "Convolution schedules", SCHEDULED_OPS["conv"], steps=False))
+
+
+def _schedule_table(rows, title, ops, steps):
     default = "invconv-cuda-graph"
     names = list(dict.fromkeys(r["implementation"] for r in rows
-                               if r["implementation"].startswith("invconv-")
+                               if r["op"] in ops
+                               and r["implementation"].startswith("invconv-")
                                and r["implementation"].endswith("-cuda-graph")
                                and r["implementation"] != default))
     if not names:
         return ""
     schedule = {n: n[len("invconv-"):-len("-cuda-graph")] for n in names}
-    lines = ["", "Solve schedules (graph replays): ms, and in brackets time over the "
-             "default schedule's.", "",
-             "| op | shape (B,C,H,W) | default ms | default us / step | default / cuDNN | "
-             + " | ".join(f"{schedule[n]} ms" for n in names) + " |",
-             "|---|---|---|---|---|" + "---|" * len(names)]
+    lines = ["", f"{title} (graph replays): ms, and in brackets time over the "
+             "default schedule's; / cuDNN: over cuDNN's conv2d (forward, or forward and "
+             "backward for the vjps).", "",
+             "| op | shape (B,C,H,W) | default ms | " + ("default us / step | " if steps else "")
+             + "default / cuDNN | " + " | ".join(f"{schedule[n]} ms" for n in names) + " |",
+             "|---|---|---|" + ("---|" if steps else "") + "---|" + "---|" * len(names)]
     cell = {(r["op"], tuple(r["shape"]), r["implementation"]): r for r in rows}
     for op, shape in dict.fromkeys((r["op"], tuple(r["shape"])) for r in rows
                                    if r["implementation"] in names):
         base = cell.get((op, shape, default))
+        cudnn = cell.get((CUDNN_COUNTERPART.get(op, op), shape, "cudnn-conv2d"))
         line = [op, str(shape)]
         if base:
-            ratio = base.get("ratio_to_cudnn")
-            line += [f"{base['median_ms']:.3f}", f"{base['us_per_step']:.2f}",
-                     "-" if ratio is None else f"{ratio:.2f}"]
+            line.append(f"{base['median_ms']:.3f}")
+            if steps:
+                line.append(f"{base['us_per_step']:.2f}")
+            line.append(f"{base['median_ms'] / cudnn['median_ms']:.2f}" if cudnn else "-")
         else:
-            line += ["-", "-", "-"]
+            line += ["-"] * (3 if steps else 2)
         for n in names:
             r = cell.get((op, shape, n))
             line.append("-" if r is None else f"{r['median_ms']:.3f}" + (
@@ -546,14 +566,14 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--kernel-size", type=int, default=3)
     p.add_argument("--schedules", default="",
-                   help="comma-separated solve schedules to time beside the default "
-                        "(GPU only), e.g. lanes,tiled,tiled:16x16")
+                   help="comma-separated solve or convolution schedules to time beside the "
+                        "default (GPU only), e.g. lanes,tiled,tiled:16x16,smem,smem:4")
     args = p.parse_args(argv)
     schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
-    from ._kernels import SolveSchedule
+    from ._kernels import parse_schedule
     for schedule in schedules:
         try:
-            SolveSchedule.parse(schedule)
+            parse_schedule(schedule)
         except ValueError as exc:
             p.error(f"--schedules: {exc}")
 
