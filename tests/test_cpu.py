@@ -257,3 +257,14 @@ def test_tile_overhang_never_feeds_the_image(monkeypatch):
     assert np.isfinite(want).all() and np.abs(want).max() > 1e37
     got = invconv.inv_conv2d(y, w, backend="cpu")
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_the_emulator_probe_reads_the_program_from_cxx(monkeypatch):
+    import shutil
+    from invconv import _backends
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    monkeypatch.setenv("CXX", "g++ -O2")          # flags after the program
+    assert "emulator" in _backends.names("numpy", available_only=True)
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    assert "emulator" not in _backends.names("numpy", available_only=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shlex
 import shutil
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -83,7 +84,12 @@ def _has_cupy() -> bool:
 
 
 def _has_compiler() -> bool:
-    return shutil.which(os.environ.get("CXX", "g++")) is not None
+    # CXX may carry a launcher and flags ("ccache g++ -O2"): the program is the first word.
+    try:
+        words = shlex.split(os.environ.get("CXX", "g++"))
+    except ValueError:                 # unbalanced quotes: the emulator reports it by name
+        return False
+    return bool(words) and shutil.which(words[0]) is not None
 
 
 REGISTRY = (
