@@ -27,14 +27,15 @@ one tile, with its pixels' unknowns ``x_P`` and the already solved pixels
 around it ``x_H`` (kh-1 rows above, kw-1 columns to the left),
 ``A_PP x_P + A_PH x_H = y_P``, so ``x_P = A_PP^-1 y_P - A_PP^-1 A_PH x_H``:
 the inverse of the tile's own (triangular) block is folded into the taps, in
-float64, once per call.  The solution buffer starts out holding ``y``, so one
-wavefront step is: gather the tiles' (Th+kh-1) x (Tw+kw-1) windows (a
-``np.take``), one GEMM with the folded (Th*Tw*C, window*C) operator for all
-tiles and images of the diagonal, and a scatter of the results.  Gather and
-scatter indices depend only on (C, H, W, kh, kw, Th, Tw), are built once and
-kept in a bounded LRU cache (``_PLAN_ENTRIES`` plans, ``_PLAN_BYTES`` bytes)
-under a lock; a call's scratch is its own, so calls from several threads are
-independent.
+float64, once per call.  So one wavefront step is: gather the tiles'
+(Th+kh-1) x (Tw+kw-1) windows (a ``np.take``; y on the tile's own pixels,
+solutions around them) and one GEMM with the folded (Th*Tw*C, window*C)
+operator for all tiles and images of the diagonal, which writes its block of
+a step-ordered solution array in place (no scatter; one gather at the end
+puts the solutions in image order).  Gather indices depend only on (C, H, W,
+kh, kw, Th, Tw, flips), are built once and kept in a bounded LRU cache
+(``_PLAN_ENTRIES`` plans, ``_PLAN_BYTES`` bytes) under a lock; a call's
+scratch is its own, so calls from several threads are independent.
 
 Tile rule (``_tile``).  A tile trades extra flops (the window is larger
 than the tile and the folded operator is dense) for fewer, wider GEMMs and
@@ -123,23 +124,33 @@ def _blocks(weight, conv: Conv, adjoint: bool):
 # layout: (B, C, H, W) <-> (C, H, W, B), batch innermost
 
 
-def _batch_last(x, hs, ws, top, left, spare_rows=0):
-    """(B, C, H, W) -> zeros (C, hs, ws, B) holding x at rows top.., columns left..
+def _copy_batch_last(dst, x):
+    """dst (C, H, W, B) <- x (B, C, H, W).
 
     Batch innermost makes every pixel's (image) values one contiguous run, so
     im2col slices and wavefront gathers copy long runs.  The layout change
     goes a few images at a time, which keeps both sides of the copy in cache
-    (about 6x faster than one strided copy, measured).  With ``spare_rows``
-    the array is the head of a zeroed (C*hs*ws + spare_rows, B) block (its
-    ``.base``), whose last rows take writes that must go nowhere.
+    (about 6x faster than one strided copy, measured).
     """
-    B, C, H, W = x.shape
-    store = np.zeros(((C * hs * ws + spare_rows) * B,), dtype=x.dtype)
-    buf = store[:C * hs * ws * B].reshape(C, hs, ws, B)
-    inner = buf[:, top:top + H, left:left + W]
+    B = x.shape[0]
     for b0 in range(0, B, _TRANSPOSE_IMAGES):
         b1 = min(B, b0 + _TRANSPOSE_IMAGES)
-        inner[..., b0:b1] = x[b0:b1].transpose(1, 2, 3, 0)
+        dst[..., b0:b1] = x[b0:b1].transpose(1, 2, 3, 0)
+
+
+def _copy_batch_first(dst, a):
+    """dst (B, C, H, W) <- a (C, H, W, B), a few images at a time."""
+    B = a.shape[3]
+    for b0 in range(0, B, _TRANSPOSE_IMAGES):
+        b1 = min(B, b0 + _TRANSPOSE_IMAGES)
+        dst[b0:b1] = a[..., b0:b1].transpose(3, 0, 1, 2)
+
+
+def _batch_last(x, hs, ws, top, left):
+    """(B, C, H, W) -> zeros (C, hs, ws, B) holding x at rows top.., columns left.."""
+    B, C, H, W = x.shape
+    buf = np.zeros((C, hs, ws, B), dtype=x.dtype)
+    _copy_batch_last(buf[:, top:top + H, left:left + W], x)
     return buf
 
 
@@ -147,10 +158,7 @@ def _batch_first(a, flip_rows, flip_cols):
     """(C, H, W, B) -> a new (B, C, H, W), flipped back."""
     C, H, W, B = a.shape
     out = np.empty((B, C, H, W), dtype=a.dtype)
-    dst = _flip(out, flip_rows, flip_cols)
-    for b0 in range(0, B, _TRANSPOSE_IMAGES):
-        b1 = min(B, b0 + _TRANSPOSE_IMAGES)
-        dst[b0:b1] = a[..., b0:b1].transpose(3, 0, 1, 2)
+    _copy_batch_first(_flip(out, flip_rows, flip_cols), a)
     return out
 
 
@@ -244,42 +252,60 @@ def _tile(B, C, H, W, kh, kw):
 
 
 class _Plan:
-    """Gather/scatter indices of the tiled wavefront for one (C, H, W, kh, kw, Th, Tw).
+    """Gather indices of the tiled wavefront for one (C, H, W, kh, kw, Th, Tw, flips).
 
-    The solution buffer is (C, Hs, Ws, B): the image placed at rows kh-1..,
-    columns kw-1.. of an Hs x Ws grid (zeros above/left, and zeros where the
-    tiles overhang the image below/right), viewed as (C*Hs*Ws, B) rows plus
-    one spare row.  Step s gathers the rows
-    ``gather[s]`` (channel, window pixel, tile) and scatters to the rows
-    ``scatter[s]`` (channel, tile pixel, tile).  Row indices that include the
-    channel make both one contiguous-row ``take``/assignment (for B = 1 the
-    fast 1-D path), about 2x faster than indexing the pixel axis of a 3-D view.
+    The call's scratch is one array of rows (B values each, the batch
+    innermost): first the solutions, step by step, each step's block laid out
+    (channel, tile pixel, tile) exactly as that step's GEMM writes it (so the
+    GEMM writes in place, with no scatter); then y, (C, H, W) in the caller's
+    orientation; then one zero row.  Step s gathers the rows ``gather[s]``
+    (channel, window pixel, tile): a window pixel of the tile itself reads y,
+    an earlier pixel its solution, and a pixel outside the image the zero
+    row, so padding and the solutions of tile overhang beyond the image are
+    never read.  ``final`` gathers the solutions in (C, H, W) order of the
+    caller's orientation.  The flips are folded into the indices.  Row
+    indices that include the channel make each gather one contiguous-row
+    ``take`` (for B = 1 the fast 1-D path).
     """
 
-    def __init__(self, C, H, W, kh, kw, th, tw):
+    def __init__(self, C, H, W, kh, kw, th, tw, flip_rows, flip_cols):
         ni, nj = -(-H // th), -(-W // tw)
-        self.hs, self.ws = kh - 1 + ni * th, kw - 1 + nj * tw
         wh, ww = th + kh - 1, tw + kw - 1
-        channel = np.arange(C)[:, None, None] * (self.hs * self.ws)
-        # window pixel offsets from the tile's top-left window corner
-        win = (np.arange(wh)[:, None] * self.ws + np.arange(ww)[None, :]).reshape(1, -1, 1)
-        own = ((kh - 1 + np.arange(th))[:, None] * self.ws
-               + (kw - 1 + np.arange(tw))[None, :]).reshape(1, -1, 1)
-        # Tile pixels beyond the image (tiles that overhang its bottom/right)
-        # are solved but written to one spare row after the buffer, so the
-        # overhang keeps its zeros and never feeds a window.
-        self.spare = C * self.hs * self.ws
-        own_r, own_c = (a.reshape(1, -1, 1) for a in np.indices((th, tw)))
-        self.gather, self.scatter = [], []
-        for d in range(ni + nj - 1):
-            i = np.arange(max(0, d - nj + 1), min(ni, d + 1))
-            j = d - i
-            corner = ((i * th) * self.ws + j * tw)[None, None, :]   # each tile's window
-            self.gather.append((channel + win + corner).reshape(-1))
-            inside = (i * th + own_r < H) & (j * tw + own_c < W)
-            scatter = np.where(inside, channel + own + corner, self.spare)
-            self.scatter.append(scatter.reshape(-1))
-        self.nbytes = sum(a.nbytes for a in self.gather) + sum(a.nbytes for a in self.scatter)
+        P = th * tw
+        steps = ni + nj - 1
+        first = [max(0, d - nj + 1) for d in range(steps)]           # first tile row of a step
+        tiles = np.array([min(ni, d + 1) - first[d] for d in range(steps)])
+        start = np.concatenate([[0], np.cumsum(C * P * tiles)])
+        self.blocks = [(int(start[d]), int(start[d + 1])) for d in range(steps)]
+        self.y_row = int(start[-1])
+        self.zero_row = self.y_row + C * H * W
+        self.rows = self.zero_row + 1
+        # every canonical (flipped-view) pixel of the tile grid: its solution's
+        # row for channel 0 and the row distance between channels, and y's row
+        h, w = np.arange(ni * th)[:, None], np.arange(nj * tw)[None, :]
+        step = h // th + w // tw
+        tile_count = tiles[step]
+        solution = (start[step] + ((h % th) * tw + w % tw) * tile_count
+                    + h // th - np.asarray(first)[step])
+        solution_stride = P * tile_count
+        y = self.y_row + ((H - 1 - h) if flip_rows else h) * W + ((W - 1 - w) if flip_cols else w)
+        channel = np.arange(C)[:, None, None]
+        final = (solution + channel * solution_stride)[:, :H, :W]
+        self.final = np.ascontiguousarray(_flip(final, flip_rows, flip_cols)).reshape(-1)
+        qr, qc = (a.reshape(-1, 1) for a in np.indices((wh, ww)))
+        own = (qr >= kh - 1) & (qc >= kw - 1)
+        self.gather = []
+        for d in range(steps):
+            i = np.arange(first[d], first[d] + tiles[d])[None, :]
+            ph = i * th + qr - (kh - 1)                    # (window pixel, tile)
+            pw = (d - i) * tw + qc - (kw - 1)
+            inside = (ph >= 0) & (pw >= 0) & (ph < H) & (pw < W)
+            ph, pw = np.where(inside, ph, 0), np.where(inside, pw, 0)
+            row = np.where(own, y[ph, pw], solution[ph, pw])
+            stride = np.where(own, H * W, solution_stride[ph, pw])
+            rows = np.where(inside[None], row[None] + channel * stride[None], self.zero_row)
+            self.gather.append(rows.reshape(-1))
+        self.nbytes = sum(a.nbytes for a in self.gather) + self.final.nbytes
 
 
 _plans: collections.OrderedDict = collections.OrderedDict()
@@ -287,8 +313,8 @@ _plans_bytes = [0]
 _plans_lock = threading.Lock()
 
 
-def _plan(C, H, W, kh, kw, th, tw) -> _Plan:
-    key = (C, H, W, kh, kw, th, tw)
+def _plan(C, H, W, kh, kw, th, tw, flip_rows, flip_cols) -> _Plan:
+    key = (C, H, W, kh, kw, th, tw, flip_rows, flip_cols)
     with _plans_lock:
         plan = _plans.get(key)
         if plan is not None:
@@ -356,20 +382,24 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
     kh, kw = blocks.shape[:2]
     cg = C // groups
     th, tw = _tile(B, cg, H, W, kh, kw)
-    plan = _plan(C, H, W, kh, kw, th, tw)
+    plan = _plan(C, H, W, kh, kw, th, tw, bool(flip_rows), bool(flip_cols))
     ops = np.stack([_folded_operator(blocks[:, :, s, s], th, tw, rhs.dtype)
                     for s in (slice(g * cg, (g + 1) * cg) for g in range(groups))])
-    Q = (th + kh - 1) * (tw + kw - 1)
-    z_shape = (cg * Q, -1) if groups == 1 else (groups, cg * Q, -1)
     ops = ops[0] if groups == 1 else ops
-    buf = _batch_last(_flip(rhs, flip_rows, flip_cols), plan.hs, plan.ws, kh - 1, kw - 1,
-                      spare_rows=1)
-    row_shape = (-1,) if B == 1 else (-1, B)
-    rows = buf.base.reshape(row_shape)   # the buffer's rows and the spare row
-    for gather, scatter in zip(plan.gather, plan.scatter):
-        z = rows.take(gather, axis=0).reshape(z_shape)
-        rows[scatter] = np.matmul(ops, z).reshape(row_shape)
-    return _batch_first(buf[:, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W], flip_rows, flip_cols)
+    lead = () if groups == 1 else (groups,)
+    z_rows, out_rows = cg * (th + kh - 1) * (tw + kw - 1), cg * th * tw
+    store = np.empty(plan.rows * B, dtype=rhs.dtype)
+    rows = store if B == 1 else store.reshape(-1, B)
+    rows[plan.zero_row] = 0
+    _copy_batch_last(rows[plan.y_row:plan.zero_row].reshape(C, H, W, B), rhs)
+    for gather, (r0, r1) in zip(plan.gather, plan.blocks):
+        z = rows.take(gather, axis=0).reshape(*lead, z_rows, -1)
+        np.matmul(ops, z, out=store[r0 * B:r1 * B].reshape(*lead, out_rows, -1))
+    if B == 1:
+        return store.take(plan.final).reshape(1, C, H, W)
+    solution = rows.take(plan.final, axis=0).reshape(C, H, W, B)
+    del rows, store                              # before the output is allocated
+    return _batch_first(solution, False, False)
 
 
 # --------------------------------------------------------------------------
