@@ -75,6 +75,7 @@ reference shows +-Inf.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 
 import numpy as np
@@ -332,44 +333,68 @@ def _plan(C, H, W, kh, kw, th, tw, flip_rows, flip_cols) -> _Plan:
         return _plans[key]
 
 
+@functools.lru_cache(maxsize=16)   # each about the size of one folded operator
+def _fold_pattern(C, kh, kw, th, tw):
+    """Where the taps go in the folded operator's system, for one (C, kh, kw,
+    Th, Tw); rows (channel, tile pixel), columns (channel, tile or window pixel).
+
+    Tile pixel p = (r, s) reads window pixel q = (r + kh-1-du, s + kw-1-dv)
+    with block (du, dv): inside the tile (pixel p') that entry goes into the
+    tile's own block A_PP (flat indices ``own_at`` for the taps ``own_tap``),
+    outside it into the right-hand side with a minus sign (``rest_at``,
+    ``rest_tap``); ``eye_at`` are the right-hand side's identity entries (y
+    of the tile's own pixels), ``reach`` the entries that may be nonzero.
+    """
+    wh, ww = th + kh - 1, tw + kw - 1
+    P, Q = th * tw, wh * ww
+    r, s, du, dv = (a.reshape(-1) for a in np.indices((th, tw, kh, kw)))
+    p, tap = r * tw + s, du * kw + dv
+    qr, qc = r + kh - 1 - du, s + kw - 1 - dv
+    q = qr * ww + qc
+    inside = (qr >= kh - 1) & (qc >= kw - 1)
+    p_in = (qr - (kh - 1)) * tw + (qc - (kw - 1))
+    co, ci = np.arange(C)[:, None, None], np.arange(C)[None, :, None]
+
+    def flat(keep, row_pixel, col_pixel, ncols):      # (taps, C_out, C_in) flat indices
+        rows = co * P + row_pixel[keep]
+        cols = ci * ncols + col_pixel[keep]
+        return (rows * (C * ncols) + cols).transpose(2, 0, 1).reshape(-1)
+
+    own = (kh - 1 + np.arange(th))[:, None] * ww + (kw - 1 + np.arange(tw))[None, :]
+    eye_rows = np.arange(C)[:, None] * P + np.arange(P)[None, :]
+    eye_cols = np.arange(C)[:, None] * Q + own.reshape(1, -1)
+    pr, pc = np.divmod(own.reshape(-1), ww)
+    wr, wc = np.divmod(np.arange(Q), ww)
+    reach = (wr[None, :] <= pr[:, None]) & (wc[None, :] <= pc[:, None])     # (P, Q)
+    return dict(own_at=flat(inside, p, p_in, P), own_tap=tap[inside],
+                rest_at=flat(~inside, p, q, Q), rest_tap=tap[~inside],
+                eye_at=(eye_rows * (C * Q) + eye_cols).reshape(-1),
+                reach=np.broadcast_to(reach[None, :, None, :], (C, P, C, Q)).reshape(C * P, C * Q))
+
+
 def _folded_operator(blocks, th, tw, dtype):
     """(C*Th*Tw, C*window): rows (c, tile pixel), columns (c, window pixel).
 
     Applied to the window holding y on the tile's pixels and the solution
-    around it, it gives the tile's solution.
+    around it, it gives the tile's solution: ``A_PP^-1 [I | -A_PH]`` in
+    float64, columns in window order.
     """
     kh, kw, C, _ = blocks.shape
-    wh, ww = th + kh - 1, tw + kw - 1
-    P, Q = th * tw, wh * ww
+    P, Q = th * tw, (th + kh - 1) * (tw + kw - 1)
+    pattern = _fold_pattern(C, kh, kw, th, tw)
     a = blocks.astype(np.float64).reshape(kh * kw, C, C)
-    # m[p, c_out, q, c_in]: the operator from the window to the tile's outputs.
-    # Tile pixel (r, s) reads window pixel (r + kh-1-du, s + kw-1-dv) with
-    # block (du, dv); for one p the taps land on distinct q.
-    r, s_, du, dv = np.meshgrid(np.arange(th), np.arange(tw), np.arange(kh), np.arange(kw),
-                                indexing="ij")
-    p_idx = (r * tw + s_).reshape(-1)
-    q_idx = ((r + kh - 1 - du) * ww + (s_ + kw - 1 - dv)).reshape(-1)
-    m = np.zeros((P, C, Q, C))
-    m[p_idx, :, q_idx, :] = a[(du * kw + dv).reshape(-1)]
-    own = ((kh - 1 + np.arange(th))[:, None] * ww + (kw - 1 + np.arange(tw))[None, :]).reshape(-1)
-    a_pp = m[:, :, own, :].reshape(P * C, P * C)
-    rest = m.copy()
-    rest[:, :, own, :] = 0
-    rhs = -rest.reshape(P * C, Q * C)
-    # the y columns: identity from the tile's own window pixels to its outputs
-    eye = np.zeros((P, C, Q, C))
-    eye[np.arange(P), :, own, :] = np.eye(C)
-    rhs += eye.reshape(P * C, Q * C)
-    op = np.linalg.solve(a_pp, rhs).reshape(P, C, Q, C)
+    a_pp = np.zeros((C * P, C * P))
+    a_pp.flat[pattern["own_at"]] = a[pattern["own_tap"]].reshape(-1)
+    rhs = np.zeros((C * P, C * Q))
+    rhs.flat[pattern["rest_at"]] = -a[pattern["rest_tap"]].reshape(-1)
+    rhs.flat[pattern["eye_at"]] = 1.0
+    op = np.linalg.solve(a_pp, rhs)
     # Tile pixel p depends only on window pixels above-left of it (or itself).
     # LU with pivoting can leave rounding noise instead of exact zeros
     # elsewhere, which would couple real pixels to the tile padding beyond
     # the image's right/bottom edge: clear those entries.
-    pr, pc = np.divmod(own, ww)
-    qr, qc = np.divmod(np.arange(Q), ww)
-    reach = (qr[None, :] <= pr[:, None]) & (qc[None, :] <= pc[:, None])
-    op *= reach[:, None, :, None]
-    return np.ascontiguousarray(op.transpose(1, 0, 3, 2).reshape(C * P, C * Q)).astype(dtype)
+    op *= pattern["reach"]
+    return op.astype(dtype)
 
 
 def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
