@@ -417,9 +417,12 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
     rows = store if B == 1 else store.reshape(-1, B)
     rows[plan.zero_row] = 0
     _copy_batch_last(rows[plan.y_row:plan.zero_row].reshape(C, H, W, B), rhs)
+    # np.dot has less per-call overhead than np.matmul (both BLAS; 159 calls
+    # at 1 x 3 x 256^2): about 4% of the solve there, measured
+    product = np.dot if groups == 1 else np.matmul
     for gather, (r0, r1) in zip(plan.gather, plan.blocks):
         z = rows.take(gather, axis=0).reshape(*lead, z_rows, -1)
-        np.matmul(ops, z, out=store[r0 * B:r1 * B].reshape(*lead, out_rows, -1))
+        product(ops, z, out=store[r0 * B:r1 * B].reshape(*lead, out_rows, -1))
     if B == 1:
         return store.take(plan.final).reshape(1, C, H, W)
     solution = rows.take(plan.final, axis=0).reshape(C, H, W, B)
