@@ -38,30 +38,34 @@ kh, kw, Th, Tw, flips), are built once and kept in a bounded LRU cache
 scratch is its own, so calls from several threads are independent.
 
 Tile rule (``_tile``).  A tile trades extra flops (the window is larger
-than the tile and the folded operator is dense) for fewer, wider GEMMs and
-fewer wavefront steps.  Measured on the project's 2-core AMD EPYC machine
-(shared with other jobs: ratios move by +-20% between runs), one thread,
-float32, k = 3, 2026-11-29, with the first version of the gather (before the
-batch-innermost layout and whole-row gathers, which sped all tiles up):
-inverse time / torch conv2d forward time for tiles Th x Tw, best first:
+than the tile and the folded operator is dense: C^2 (Th+kh-1)(Tw+kw-1)
+multiply-adds a pixel) for fewer, wider GEMMs and fewer wavefront steps.
+Measured on the project's 2-core AMD EPYC machine (shared with other jobs,
+load average 5-8: ratios move by +-10% between runs), one thread, float32,
+k = 3, 2026-11-29, code at c6729b9 (step-ordered solution array, np.dot):
+inverse time / torch conv2d forward time for tiles Th x Tw, median [range]
+of three interleaved sweeps (21 repeats each), best first:
 
-================ ============================================
+================ ==========================================================
 shape            ratio for tile
-================ ============================================
-100 x 1 x 28^2   2x4 1.24, 1x4 1.25, 1x2 1.46, 1x1 1.73
-100 x 4 x 14^2   1x2 1.48, 2x2 1.56, 1x1 1.85, 2x4 2.14
-100 x 12 x 16^2  1x2 2.92, 1x1 3.20, 1x4 3.52, 2x2 4.24
-100 x 48 x 8^2   1x1 2.18, 1x2 5.24, 2x2 7.49
-100 x 3 x 32^2   2x2 1.86, 1x4 1.89, 1x2 1.92, 1x1 2.29
-16 x 3 x 64^2    2x2 1.79, 2x4 1.95, 1x4 2.07, 1x1 2.58
-4 x 3 x 256^2    4x4 2.26, 2x2 2.27, 1x4 2.28, 1x1 3.16
-1 x 3 x 256^2    2x8 4.47, 4x4 4.54, 1x8 5.13, 1x1 9.03
-================ ============================================
+================ ==========================================================
+100 x 1 x 28^2   4x4 0.77 [0.74-0.79], 2x2 0.80, 2x8 0.80, 2x4 0.81
+100 x 4 x 14^2   2x2 1.02 [1.02-1.04], 2x1 1.04, 1x1 1.06, 1x2 1.10
+100 x 12 x 16^2  2x1 1.36 [1.34-1.47], 1x2 1.41, 1x1 1.50, 2x2 1.67
+100 x 3 x 32^2   1x2 0.82 [0.81-0.82], 2x1 0.84, 2x2 0.87, 2x4 0.91
+16 x 3 x 64^2    4x2 1.00 [0.89-1.08], 2x4 1.02, 4x4 1.07, 2x2 1.08
+4 x 3 x 256^2    4x2 1.27 [1.24-1.39], 4x4 1.28, 2x4 1.31, 2x2 1.52
+1 x 3 x 256^2    2x4 2.04 [2.04-2.21], 4x4 2.13, 2x8 2.13, 4x8 2.33
+================ ==========================================================
 
-Wide channels fill the GEMM by themselves: 1 x 1 from 16 channels, 1 x 2
-from 4.  Below that, 2 x 4 for one channel, and for 2-3 channels 2 x 2, or
-2 x 8 when fewer than 4 images share each step.  Tiles are clipped to the
-image.
+(torch's time is bimodal at some shapes, so compare tiles within a row, not
+rows.)  At 1 x 3 x 256^2 two earlier sweeps put 4x4 first (2.04 and 2.21,
+against 2.18/2.22 for 2x4 and 2.24/2.28 for 2x8).  At 100 x 48 x 8^2 the
+first version of the gather measured 1x1 2.18, 1x2 5.24 (sweeps today are
+too noisy there).  Wide channels fill the GEMM by themselves: 1 x 1 from 16
+channels, 2 x 1 from 4.  One channel: 4 x 4.  Two or three channels: 1 x 2
+for 32 images or more, 4 x 2 from 4 images, 4 x 4 below that (one large
+image: fewer, wider steps).  Tiles are clipped to the image.
 
 NaN and Inf.  A folded operator and a padded window multiply every entry of
 the window, so one non-finite value would turn into NaN on outputs that do
@@ -244,11 +248,15 @@ def _tile(B, C, H, W, kh, kw):
     if C >= 16:
         th, tw = 1, 1
     elif C >= 4:
-        th, tw = 1, 2
+        th, tw = 2, 1
     elif C == 1:
-        th, tw = 2, 4
+        th, tw = 4, 4
+    elif B >= 32:
+        th, tw = 1, 2
+    elif B >= 4:
+        th, tw = 4, 2
     else:
-        th, tw = (2, 2) if B >= 4 else (2, 8)
+        th, tw = 4, 4
     return min(th, H), min(tw, W)
 
 
