@@ -33,7 +33,7 @@ solutions around them) and one GEMM with the folded (Th*Tw*C, window*C)
 operator for all tiles and images of the diagonal, which writes its block of
 a step-ordered solution array in place (no scatter; one gather at the end
 puts the solutions in image order).  Gather indices depend only on (C, H, W,
-kh, kw, Th, Tw, flips), are built once and kept in a bounded LRU cache
+kh, kw, Th, Tw), are built once and kept in a bounded LRU cache
 (``_PLAN_ENTRIES`` plans, ``_PLAN_BYTES`` bytes) under a lock; a call's
 scratch is its own, so calls from several threads are independent.
 
@@ -261,23 +261,24 @@ def _tile(B, C, H, W, kh, kw):
 
 
 class _Plan:
-    """Gather indices of the tiled wavefront for one (C, H, W, kh, kw, Th, Tw, flips).
+    """Gather indices of the tiled wavefront for one (C, H, W, kh, kw, Th, Tw).
 
     The call's scratch is one array of rows (B values each, the batch
     innermost): first the solutions, step by step, each step's block laid out
     (channel, tile pixel, tile) exactly as that step's GEMM writes it (so the
-    GEMM writes in place, with no scatter); then y, (C, H, W) in the caller's
-    orientation; then one zero row.  Step s gathers the rows ``gather[s]``
+    GEMM writes in place, with no scatter); then y, (C, H, W) as the flipped
+    view sees it; then one zero row.  Step s gathers the rows ``gather[s]``
     (channel, window pixel, tile): a window pixel of the tile itself reads y,
     an earlier pixel its solution, and a pixel outside the image the zero
     row, so padding and the solutions of tile overhang beyond the image are
     never read.  ``final`` gathers the solutions in (C, H, W) order of the
-    caller's orientation.  The flips are folded into the indices.  Row
+    flipped view.  (Folding the flips into the indices instead would save a
+    copy at B = 1 but cache two plans per shape, forward and adjoint.)  Row
     indices that include the channel make each gather one contiguous-row
     ``take`` (for B = 1 the fast 1-D path).
     """
 
-    def __init__(self, C, H, W, kh, kw, th, tw, flip_rows, flip_cols):
+    def __init__(self, C, H, W, kh, kw, th, tw):
         ni, nj = -(-H // th), -(-W // tw)
         wh, ww = th + kh - 1, tw + kw - 1
         P = th * tw
@@ -297,10 +298,9 @@ class _Plan:
         solution = (start[step] + ((h % th) * tw + w % tw) * tile_count
                     + h // th - np.asarray(first)[step])
         solution_stride = P * tile_count
-        y = self.y_row + ((H - 1 - h) if flip_rows else h) * W + ((W - 1 - w) if flip_cols else w)
+        y = self.y_row + h * W + w
         channel = np.arange(C)[:, None, None]
-        final = (solution + channel * solution_stride)[:, :H, :W]
-        self.final = np.ascontiguousarray(_flip(final, flip_rows, flip_cols)).reshape(-1)
+        self.final = (solution + channel * solution_stride)[:, :H, :W].reshape(-1)
         qr, qc = (a.reshape(-1, 1) for a in np.indices((wh, ww)))
         own = (qr >= kh - 1) & (qc >= kw - 1)
         self.gather = []
@@ -322,8 +322,8 @@ _plans_bytes = [0]
 _plans_lock = threading.Lock()
 
 
-def _plan(C, H, W, kh, kw, th, tw, flip_rows, flip_cols) -> _Plan:
-    key = (C, H, W, kh, kw, th, tw, flip_rows, flip_cols)
+def _plan(C, H, W, kh, kw, th, tw) -> _Plan:
+    key = (C, H, W, kh, kw, th, tw)
     with _plans_lock:
         plan = _plans.get(key)
         if plan is not None:
@@ -415,7 +415,7 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
     kh, kw = blocks.shape[:2]
     cg = C // groups
     th, tw = _tile(B, cg, H, W, kh, kw)
-    plan = _plan(C, H, W, kh, kw, th, tw, bool(flip_rows), bool(flip_cols))
+    plan = _plan(C, H, W, kh, kw, th, tw)
     ops = np.stack([_folded_operator(blocks[:, :, s, s], th, tw, rhs.dtype)
                     for s in (slice(g * cg, (g + 1) * cg) for g in range(groups))])
     ops = ops[0] if groups == 1 else ops
@@ -424,7 +424,8 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
     store = np.empty(plan.rows * B, dtype=rhs.dtype)
     rows = store if B == 1 else store.reshape(-1, B)
     rows[plan.zero_row] = 0
-    _copy_batch_last(rows[plan.y_row:plan.zero_row].reshape(C, H, W, B), rhs)
+    _copy_batch_last(rows[plan.y_row:plan.zero_row].reshape(C, H, W, B),
+                     _flip(rhs, flip_rows, flip_cols))
     # np.dot has less per-call overhead than np.matmul (both BLAS; 159 calls
     # at 1 x 3 x 256^2): about 4% of the solve there, measured
     product = np.dot if groups == 1 else np.matmul
@@ -432,10 +433,13 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
         z = rows.take(gather, axis=0).reshape(*lead, z_rows, -1)
         product(ops, z, out=store[r0 * B:r1 * B].reshape(*lead, out_rows, -1))
     if B == 1:
-        return store.take(plan.final).reshape(1, C, H, W)
+        out = store.take(plan.final).reshape(1, C, H, W)
+        if flip_rows or flip_cols:
+            out = np.ascontiguousarray(_flip(out, flip_rows, flip_cols))
+        return out
     solution = rows.take(plan.final, axis=0).reshape(C, H, W, B)
     del rows, store                              # before the output is allocated
-    return _batch_first(solution, False, False)
+    return _batch_first(solution, flip_rows, flip_cols)
 
 
 # --------------------------------------------------------------------------
