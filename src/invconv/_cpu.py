@@ -437,9 +437,13 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
         z = rows.take(gather, axis=0).reshape(*lead, z_rows, -1)
         product(ops, z, out=store[r0 * B:r1 * B].reshape(*lead, out_rows, -1))
     if B == 1:
-        out = store.take(plan.final).reshape(1, C, H, W)
-        if flip_rows or flip_cols:
-            out = np.ascontiguousarray(_flip(out, flip_rows, flip_cols))
+        # in pieces: take converts the int32 indices to intp, a copy each
+        out = np.empty((1, C, H, W), dtype=rhs.dtype)
+        dst, final = _flip(out, flip_rows, flip_cols)[0], plan.final.reshape(C, H, W)
+        piece = max(1, _IM2COL_ELEMENTS // W)
+        for c in range(C):
+            for r0 in range(0, H, piece):
+                dst[c, r0:r0 + piece] = store.take(final[c, r0:r0 + piece])
         return out
     solution = rows.take(plan.final, axis=0).reshape(C, H, W, B)
     del rows, store                              # before the output is allocated
