@@ -246,8 +246,9 @@ def test_folded_operator_keeps_the_structural_zeros():
 def test_tile_overhang_never_feeds_the_image(monkeypatch):
     """Tiles of 1 x 8 on a 9-wide image overhang it by 7 columns.  With x[w] =
     y[w] - 10 x[w-1] the row grows x10 a column and would overflow float32 in
-    the overhang; the next row's windows read that overhang (with exactly zero
-    coefficients, and 0 * Inf is NaN), so it must stay unsolved zeros."""
+    the overhang; the next row's windows cover that overhang (with exactly zero
+    coefficients, and 0 * Inf is NaN), so they must read zeros there, never the
+    overhang's own solutions."""
     monkeypatch.setattr(_cpu, "_tile", lambda *args: (1, 8))
     w = np.zeros((1, 1, 2, 2), dtype=np.float32)
     w[0, 0, 1, 0] = 10.0                       # reads (h, w - 1); the diagonal is unit
