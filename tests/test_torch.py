@@ -74,6 +74,11 @@ def test_bad_input_is_refused():
         it.conv2d(torch.zeros(1, 2, 4, 4), w)
     with pytest.raises(ValueError, match="corner"):
         it.inv_conv2d(torch.zeros(1, 2, 4, 4, dtype=torch.float64), w, corner="centre")
+    # inv_conv2d's image argument is y, and the messages say so
+    with pytest.raises(ValueError, match="^y has 3 channels"):
+        it.inv_conv2d(torch.zeros(1, 3, 4, 4, dtype=torch.float64), w)
+    with pytest.raises(ValueError, match="^y must have 4 dimensions"):
+        it.inv_conv2d(torch.zeros(2, 4, 4, dtype=torch.float64), w)
     zero = w.clone()
     zero[1, 1, 2, 2] = 0
     with pytest.raises(ValueError, match="zero"):

@@ -67,6 +67,14 @@ def test_bad_input_raises_clearly(data, name, bad, kwargs, error, words):
         call(name, x, w, **kwargs)
 
 
+@pytest.mark.parametrize("name, image", [("conv2d", "x"), ("inv_conv2d", "y"),
+                                         ("conv2d_vjp", "grad_y"), ("inv_conv2d_vjp", "grad_x")])
+def test_channel_mismatch_names_the_image_argument(data, name, image):
+    x, w = data
+    with pytest.raises(ValueError, match=rf"^{image} has 3 channels but weight has 4"):
+        call(name, x[:, :3], w, groups=2)
+
+
 @pytest.mark.parametrize("name", ["conv2d_vjp", "inv_conv2d_vjp"])
 def test_vjp_shapes_must_agree(data, name):
     x, w = data

@@ -203,8 +203,12 @@ def _check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def make_conv(weight_shape, *, corner, groups, unit_diagonal, channels=None) -> Conv:
-    """Validate options against a weight shape and return the :class:`Conv`."""
+def make_conv(weight_shape, *, corner, groups, unit_diagonal, channels=None,
+              image="x") -> Conv:
+    """Validate options against a weight shape and return the :class:`Conv`.
+
+    ``channels``: the channel count of the image argument named ``image``, if any.
+    """
     if not isinstance(corner, str) or corner not in CORNERS:
         raise ValueError(f"corner must be one of {CORNERS}, got {corner!r}")
     groups = _check_int(groups, "groups", 1)
@@ -229,7 +233,7 @@ def make_conv(weight_shape, *, corner, groups, unit_diagonal, channels=None) -> 
             f"second dimension must be C // groups = {c_out // groups}")
     if channels is not None and channels != c_out:
         raise ValueError(
-            f"x has {channels} channels but weight has {c_out} output channels")
+            f"{image} has {channels} channels but weight has {c_out} output channels")
     return Conv(c_out, groups, kh, kw, corner, bool(unit_diagonal))
 
 
@@ -306,7 +310,7 @@ def _prepare(images: dict, weight, *, corner, groups, unit_diagonal, backend, st
         if len(set(devices.values())) > 1:
             raise ValueError(f"arrays must live on one CUDA device, got {devices}")
     conv = make_conv(weight.shape, corner=corner, groups=groups,
-                     unit_diagonal=unit_diagonal, channels=shape[1])
+                     unit_diagonal=unit_diagonal, channels=shape[1], image=first)
     backend = _resolve_backend(backend, kind)
     if stream is not None and kind != "cupy":
         raise ValueError("stream is only meaningful for CuPy arrays; pass stream=None")

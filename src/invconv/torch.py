@@ -465,19 +465,21 @@ _differentiable(conv2d_weight_grad_op, _setup_weight_grad, _backward_weight_grad
                 _jvp_weight_grad)
 
 
-def _check_options(x, weight, corner, groups, unit_diagonal):
-    for name, t in (("x", x), ("weight", weight)):
+def _check_options(x, weight, corner, groups, unit_diagonal, image="x"):
+    """Validate a functional op's arguments; ``image`` is the name of ``x`` in messages."""
+    for name, t in ((image, x), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+        raise ValueError(f"{image} is on {x.device} but weight is on {weight.device}")
     if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
-        raise TypeError(f"x and weight must both be float32 or float64, got {x.dtype} "
+        raise TypeError(f"{image} and weight must both be float32 or float64, got {x.dtype} "
                         f"and {weight.dtype}")
     if x.dim() != 4:
-        raise ValueError(f"x must have 4 dimensions (B, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"{image} must have 4 dimensions (B, C, H, W), got shape "
+                         f"{tuple(x.shape)}")
     _api.make_conv(tuple(weight.shape), corner=corner, groups=groups,
-                   unit_diagonal=unit_diagonal, channels=x.shape[1])
+                   unit_diagonal=unit_diagonal, channels=x.shape[1], image=image)
 
 
 def conv2d(x: Tensor, weight: Tensor, *, corner: str = "top-left", groups: int = 1,
@@ -496,7 +498,7 @@ def inv_conv2d(y: Tensor, weight: Tensor, *, corner: str = "top-left", groups: i
 
     y : (B, C, H, W) -> (B, C, H, W); weight : (C, C // groups, kh, kw).
     """
-    _check_options(y, weight, corner, groups, unit_diagonal)
+    _check_options(y, weight, corner, groups, unit_diagonal, image="y")
     return inv_conv2d_op(y, weight, corner, groups, bool(unit_diagonal))
 
 
