@@ -52,12 +52,17 @@ def _close(got, want, rtol):
     assert err <= rtol, err
 
 
+def _no_fallback():
+    raise AssertionError("the reference computed a call with finite inputs and results")
+
+
 @pytest.mark.parametrize("tile", TILES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_every_tile_matches_dense(monkeypatch, shape, tile, dtype):
     if tile is not None:
         monkeypatch.setattr(_cpu, "_tile", lambda *args: tile)
+    monkeypatch.setattr(_cpu, "_reference", _no_fallback)    # finite: the fast path answers
     for n, corner in enumerate(CORNERS):
         unit = n % 2 == 0
         w, x, g, want = _dense_results(shape, corner, unit, seed=n + 10 * sum(shape))
@@ -250,6 +255,7 @@ def test_tile_overhang_never_feeds_the_image(monkeypatch):
     coefficients, and 0 * Inf is NaN), so they must read zeros there, never the
     overhang's own solutions."""
     monkeypatch.setattr(_cpu, "_tile", lambda *args: (1, 8))
+    monkeypatch.setattr(_cpu, "_reference", _no_fallback)  # a NaN must not be redone there
     w = np.zeros((1, 1, 2, 2), dtype=np.float32)
     w[0, 0, 1, 0] = 10.0                       # reads (h, w - 1); the diagonal is unit
     y = np.zeros((1, 1, 2, 9), dtype=np.float32)
@@ -258,6 +264,38 @@ def test_tile_overhang_never_feeds_the_image(monkeypatch):
     assert np.isfinite(want).all() and np.abs(want).max() > 1e37
     got = invconv.inv_conv2d(y, w, backend="cpu")
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["inv_conv2d", "inv_conv2d_vjp"])
+def test_an_overflowing_row_leaves_the_independent_rows_finite(monkeypatch, op):
+    """A 1 x 2 kernel makes every row its own system.  Row 0 grows x10 a column
+    and overflows float32; rows 1-3 stay below 1e23.  A 4 x 4 tile solves the
+    four rows together, and its window holds row 0's Inf against the exactly
+    zero coefficient of another row (0 * Inf is NaN): the answer must still be
+    the reference's, finite rows included."""
+    monkeypatch.setattr(_cpu, "_tile", lambda *args: (4, 4))
+    w = np.zeros((1, 1, 1, 2), dtype=np.float32)
+    w[0, 0, 0, 0] = -10.0                      # reads (h, w - 1); the diagonal is unit
+    image = np.zeros((1, 1, 4, 24), dtype=np.float32)
+    x = np.ones_like(image)
+    if op == "inv_conv2d":
+        image[0, 0, :, 0] = [1e30, 1, 1, 1]    # M x = y grows to the right
+        args = (image, w)
+    else:
+        image[0, 0, :, -1] = [1e30, 1, 1, 1]   # M^T h = g grows to the left
+        args = (image, x, w)
+    f = getattr(invconv, op)
+    with np.errstate(over="ignore", invalid="ignore"):
+        got, want = f(*args, backend="cpu"), f(*args, backend="reference")
+    for a, b in zip(got if isinstance(got, tuple) else (got,),
+                    want if isinstance(want, tuple) else (want,)):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_array_equal(np.isposinf(a), np.isposinf(b))
+        np.testing.assert_array_equal(np.isneginf(a), np.isneginf(b))
+        finite = np.isfinite(b)
+        np.testing.assert_allclose(a[finite], b[finite], rtol=1e-5)
+    solution = got[0] if isinstance(got, tuple) else got
+    assert np.isfinite(solution[0, 0, 1:]).all() and not np.isfinite(solution[0, 0, 0]).all()
 
 
 def test_the_emulator_probe_reads_the_program_from_cxx(monkeypatch):

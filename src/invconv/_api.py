@@ -371,9 +371,8 @@ _ARRAYS_DOC = """Arrays may be NumPy, CuPy, or any object with ``__dlpack__`` (a
     tensor comes back as a NumPy array, a CUDA tensor as a CuPy array).
     Inputs are never modified.  NaN and Inf propagate; on "reference" and
     "cpu" a NaN or Inf reaches exactly the outputs that depend on it (the
-    "cpu" backend computes a call with a non-finite input by the
-    reference).  A finite input whose solution overflows may give NaN on
-    "cpu" where "reference" gives +-Inf."""
+    "cpu" backend computes a call with a non-finite input, or a solve that
+    overflows, by the reference)."""
 
 
 def conv2d(x, weight, *, corner="top-left", groups=1, unit_diagonal=True,

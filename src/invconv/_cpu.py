@@ -72,9 +72,11 @@ the window, so one non-finite value would turn into NaN on outputs that do
 not depend on it (``0 * Inf``).  So each call first checks its inputs (the
 images and the weight entries it reads) with ``np.isfinite``; if any is not
 finite, that call is computed by the SciPy reference instead, whose sparse
-structure sends NaN/Inf exactly to the outputs that depend on them.  With
-finite inputs, a solution that overflows mid-solve may show NaN where the
-reference shows +-Inf.
+structure sends NaN/Inf exactly to the outputs that depend on them.  A
+solve with finite inputs can still overflow mid-solve, and a window then
+carries that Inf into tile pixels that do not depend on it (even rows or
+channels far from overflow); so a solve whose result is not all finite is
+computed again by the reference.
 """
 from __future__ import annotations
 
@@ -484,14 +486,20 @@ def _solve(y, weight, conv: Conv):
     blocks, rows, cols = _blocks(weight, conv, adjoint=False)
     if not _finite(y, blocks):
         return _reference()._solve(y, weight, conv)
-    return _wavefront(y, blocks, rows, cols, conv.groups)
+    x = _wavefront(y, blocks, rows, cols, conv.groups)
+    if not _finite(x):      # overflowed mid-solve (module docstring)
+        return _reference()._solve(y, weight, conv)
+    return x
 
 
 def _solve_adjoint(grad_x, weight, conv: Conv):
     blocks, rows, cols = _blocks(weight, conv, adjoint=True)
     if not _finite(grad_x, blocks):
         return _reference()._solve_adjoint(grad_x, weight, conv)
-    return _wavefront(grad_x, blocks, rows, cols, conv.groups)
+    grad_y = _wavefront(grad_x, blocks, rows, cols, conv.groups)
+    if not _finite(grad_y):
+        return _reference()._solve_adjoint(grad_x, weight, conv)
+    return grad_y
 
 
 def _weight_grad(grad_out, x, scale, conv: Conv):
