@@ -11,7 +11,9 @@ backend module (and CuPy with it) is imported on its first call.
 Validation, the zero-diagonal check and device routing are not a backend's
 business: :mod:`invconv._api` does them once before any backend function is
 called, so a backend only ever sees validated, non-empty arrays of its own
-kind, and ``_solve``/``_solve_adjoint`` only a non-singular operator.
+kind, and ``_solve``/``_solve_adjoint`` only a non-singular operator (except
+from the torch adapter on CUDA, which skips that check rather than
+synchronise with the host: a zero diagonal then gives inf/NaN).
 """
 from __future__ import annotations
 
