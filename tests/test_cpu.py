@@ -230,13 +230,13 @@ def test_scratch_is_a_small_multiple_of_the_input(shape):
 
 
 def test_folded_operator_keeps_the_structural_zeros():
-    """A tile pixel depends only on window pixels above-left of it; LU with
-    pivoting leaves rounding noise elsewhere unless cleared, and that noise
-    would couple real pixels to the tile padding beyond the image's edge."""
+    """A tile pixel depends only on window pixels above-left of it; anything
+    but an exact zero elsewhere would couple real pixels to the tile padding
+    beyond the image's edge."""
     rng = np.random.default_rng(11)
     C, kh, kw, th, tw = 3, 3, 3, 2, 4
     blocks = 2 * rng.standard_normal((kh, kw, C, C))
-    # a small diagonal makes partial pivoting swap rows of the tile's block
+    # a small diagonal: large entries in the fold
     blocks[0, 0] = np.tril(blocks[0, 0], -1) + 0.5 * np.eye(C)
     op = _cpu._folded_operator(blocks, th, tw, np.float64)
     wh, ww = th + kh - 1, tw + kw - 1
@@ -296,6 +296,33 @@ def test_an_overflowing_row_leaves_the_independent_rows_finite(monkeypatch, op):
         np.testing.assert_allclose(a[finite], b[finite], rtol=1e-5)
     solution = got[0] if isinstance(got, tuple) else got
     assert np.isfinite(solution[0, 0, 1:]).all() and not np.isfinite(solution[0, 0, 0]).all()
+
+
+@pytest.mark.parametrize("diagonal", [0.03, 1e-4])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_a_small_diagonal_is_solved_by_substitution(monkeypatch, diagonal, adjoint):
+    """A same-pixel diagonal small against the other taps makes the tile's own
+    block (48 x 48 here) wildly ill-conditioned although it is triangular with
+    a non-zero diagonal.  Substitution still solves such a system to rounding
+    level in the componentwise backward sense (|M x - y| <= eps (|M| |x| + |y|)),
+    as the reference and the kernels do; an LU with pivoting of the block gave
+    answers off by 100% or raised LinAlgError("Singular matrix")."""
+    monkeypatch.setattr(_cpu, "_reference", _no_fallback)    # finite: the fast path answers
+    rng = np.random.default_rng(12)
+    C, H, W = 3, 4, 4
+    w = 0.3 * rng.standard_normal((C, C, 3, 3))
+    w[np.arange(C), np.arange(C), 2, 2] = diagonal * rng.choice([-1.0, 1.0], size=C)
+    rhs = rng.standard_normal((2, C, H, W))
+    M = dense_operator(w, H, W, unit_diagonal=False)
+    if adjoint:
+        M = M.T
+        got = invconv.inv_conv2d_vjp(rhs, rhs, w, unit_diagonal=False, backend="cpu")[0]
+    else:
+        got = invconv.inv_conv2d(rhs, w, unit_diagonal=False, backend="cpu")
+    X, Y = got.reshape(2, -1).T, rhs.reshape(2, -1).T
+    assert np.isfinite(X).all() and np.abs(X).max() > 1e10     # the solution did grow
+    backward_error = np.abs(M @ X - Y) / (np.abs(M) @ np.abs(X) + np.abs(Y))
+    assert backward_error.max() < 1e-12, backward_error.max()
 
 
 def test_the_emulator_probe_reads_the_program_from_cxx(monkeypatch):

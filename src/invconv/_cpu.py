@@ -1,7 +1,8 @@
 """Backend "cpu": the masked convolution and its inverse with NumPy and BLAS only.
 
 Everything is computed in the input dtype, with no compiler at run time and
-no SciPy (except for calls with non-finite inputs, see the end).
+no SciPy beyond a triangular solve per group and call (LAPACK) and the reference for
+calls with non-finite inputs (see the end).
 
 Orientation.  Every op is reduced to one canonical case: the image is viewed
 flipped (a view, no copy) so that the operator reads only up and to the left,
@@ -27,7 +28,7 @@ one tile, with its pixels' unknowns ``x_P`` and the already solved pixels
 around it ``x_H`` (kh-1 rows above, kw-1 columns to the left),
 ``A_PP x_P + A_PH x_H = y_P``, so ``x_P = A_PP^-1 y_P - A_PP^-1 A_PH x_H``:
 the inverse of the tile's own (triangular) block is folded into the taps, in
-float64, once per call.  So one wavefront step is: gather the tiles'
+float64 by substitution, once per call.  So one wavefront step is: gather the tiles'
 (Th+kh-1) x (Tw+kw-1) windows (a ``np.take``; y on the tile's own pixels,
 solutions around them) and one GEMM with the folded (Th*Tw*C, window*C)
 operator for all tiles and images of the diagonal, which writes its block of
@@ -85,6 +86,7 @@ import functools
 import threading
 
 import numpy as np
+from scipy.linalg import solve_triangular
 
 from ._api import Conv, effective_weight
 
@@ -357,7 +359,9 @@ def _fold_pattern(C, kh, kw, th, tw):
     tile's own block A_PP (flat indices ``own_at`` for the taps ``own_tap``),
     outside it into the right-hand side with a minus sign (``rest_at``,
     ``rest_tap``); ``eye_at`` are the right-hand side's identity entries (y
-    of the tile's own pixels), ``reach`` the entries that may be nonzero.
+    of the tile's own pixels), ``reach`` the entries that may be nonzero,
+    ``pixel_major`` the rows in (tile pixel, channel) order, where ``A_PP`` is
+    lower-triangular when the same-pixel block is.
     """
     wh, ww = th + kh - 1, tw + kw - 1
     P, Q = th * tw, wh * ww
@@ -383,6 +387,7 @@ def _fold_pattern(C, kh, kw, th, tw):
     return dict(own_at=flat(inside, p, p_in, P), own_tap=tap[inside],
                 rest_at=flat(~inside, p, q, Q), rest_tap=tap[~inside],
                 eye_at=(eye_rows * (C * Q) + eye_cols).reshape(-1),
+                pixel_major=(np.arange(C)[None, :] * P + np.arange(P)[:, None]).reshape(-1),
                 reach=np.broadcast_to(reach[None, :, None, :], (C, P, C, Q)).reshape(C * P, C * Q))
 
 
@@ -402,11 +407,19 @@ def _folded_operator(blocks, th, tw, dtype):
     rhs = np.zeros((C * P, C * Q))
     rhs.flat[pattern["rest_at"]] = -a[pattern["rest_tap"]].reshape(-1)
     rhs.flat[pattern["eye_at"]] = 1.0
-    op = np.linalg.solve(a_pp, rhs)
-    # Tile pixel p depends only on window pixels above-left of it (or itself).
-    # LU with pivoting can leave rounding noise instead of exact zeros
-    # elsewhere, which would couple real pixels to the tile padding beyond
-    # the image's right/bottom edge: clear those entries.
+    # In (tile pixel, channel) order A_PP is lower-triangular, channels
+    # descending for the adjoint (its same-pixel block is upper-triangular):
+    # substitution, never LU with pivoting, which loses everything once a
+    # small diagonal makes A_PP ill-conditioned (or calls it singular).
+    order = pattern["pixel_major"]
+    if np.triu(a[0], 1).any():
+        order = order.reshape(P, C)[:, ::-1].reshape(-1)
+    op = np.empty_like(rhs)
+    op[order] = solve_triangular(a_pp[np.ix_(order, order)], rhs[order], lower=True,
+                                 check_finite=False)
+    # Tile pixel p depends only on window pixels above-left of it (or itself);
+    # clear everything else exactly, so nothing couples real pixels to the
+    # tile padding beyond the image's right/bottom edge.
     op *= pattern["reach"]
     return op.astype(dtype)
 
