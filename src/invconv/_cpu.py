@@ -1,8 +1,8 @@
 """Backend "cpu": the masked convolution and its inverse with NumPy and BLAS only.
 
 Everything is computed in the input dtype, with no compiler at run time and
-no SciPy beyond a triangular solve per group and call (LAPACK) and the reference for
-calls with non-finite inputs (see the end).
+no SciPy (except the reference for calls with non-finite inputs or an
+overflowing result, see the end).
 
 Orientation.  Every op is reduced to one canonical case: the image is viewed
 flipped (a view, no copy) so that the operator reads only up and to the left,
@@ -86,7 +86,6 @@ import functools
 import threading
 
 import numpy as np
-from scipy.linalg import solve_triangular
 
 from ._api import Conv, effective_weight
 
@@ -391,6 +390,27 @@ def _fold_pattern(C, kh, kw, th, tw):
                 reach=np.broadcast_to(reach[None, :, None, :], (C, P, C, Q)).reshape(C * P, C * Q))
 
 
+def _tile_block_solve(lower, rhs, c):
+    """``lower @ x = rhs`` by block forward substitution (NumPy only).
+
+    lower: (n, n), block-lower-triangular in blocks of c x c (one block row a
+    tile pixel) whose diagonal blocks are all the same lower-triangular
+    same-pixel block with a non-zero diagonal; rhs: (n, m). That block is
+    inverted once by substitution, then each pixel's rows take one GEMM.
+    Substitution stays accurate where LU with pivoting does not (see
+    :func:`_folded_operator`).
+    """
+    block = lower[:c, :c]
+    inverse = np.zeros_like(block)
+    for i in range(c):
+        inverse[i, i] = 1.0 / block[i, i]
+        inverse[i, :i] = -(block[i, :i] @ inverse[:i, :i]) / block[i, i]
+    x = np.empty_like(rhs)
+    for p0 in range(0, lower.shape[0], c):
+        x[p0:p0 + c] = inverse @ (rhs[p0:p0 + c] - lower[p0:p0 + c, :p0] @ x[:p0])
+    return x
+
+
 def _folded_operator(blocks, th, tw, dtype):
     """(C*Th*Tw, C*window): rows (c, tile pixel), columns (c, window pixel).
 
@@ -415,8 +435,7 @@ def _folded_operator(blocks, th, tw, dtype):
     if np.triu(a[0], 1).any():
         order = order.reshape(P, C)[:, ::-1].reshape(-1)
     op = np.empty_like(rhs)
-    op[order] = solve_triangular(a_pp[np.ix_(order, order)], rhs[order], lower=True,
-                                 check_finite=False)
+    op[order] = _tile_block_solve(a_pp[np.ix_(order, order)], rhs[order], C)
     # Tile pixel p depends only on window pixels above-left of it (or itself);
     # clear everything else exactly, so nothing couples real pixels to the
     # tile padding beyond the image's right/bottom edge.
