@@ -191,6 +191,41 @@ def test_a_used_out_is_not_overwritten_without_overwrite(capsys, tmp_path):
         assert (run / name).read_bytes() == b"an earlier run"
 
 
+@pytest.mark.parametrize("command", [["demo"], ["sample", "--checkpoint", "c.pt"]])
+def test_an_empty_out_is_a_one_line_error_that_writes_nothing(capsys, tmp_path, monkeypatch,
+                                                              command):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(capsys, *command, "--out", "", says=["--out", "empty"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--kernel-size", "0"], "--kernel-size"),
+    (["--kernel-size", "three"], "--kernel-size"),
+    (["--out", "{missing}/ops.json"], "--out"),
+    (["--out", "{tmp}"], "--out"),
+    (["--out", ""], "--out"),
+    (["--out", "{tmp}/ops.json", "--markdown", "{missing}/ops.md"], "--markdown"),
+    ([], "--out"),
+])
+def test_bench_mistakes_are_one_line_errors_before_any_timing(capsys, tmp_path, argv, says):
+    argv = [a.format(tmp=tmp_path, missing=tmp_path / "no" / "such") for a in argv]
+    if "--out" not in argv and argv:
+        argv += ["--out", str(tmp_path / "ops.json")]
+    assert_one_line_error(capsys, "bench", "--quick", *argv, says=says)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_interrupted_is_one_line_and_status_130(capsys, tmp_path, monkeypatch):
+    from invconv import benchmarks
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(benchmarks, "run", interrupted)
+    code, lines = run_main(capsys, "bench", "--quick", "--out", tmp_path / "ops.json")
+    assert code == cli.EXIT_INTERRUPTED and lines == ["invconv bench: aborted"]
+
+
 # --------------------------------------------------------------------------
 # --version, python -m invconv, help text
 

@@ -640,6 +640,8 @@ def evaluate(args):
 
 def _check_output_file(path, option="--out"):
     """A file path whose directory exists and which is not itself a directory."""
+    if not path:
+        raise UsageError(f"{option} is empty; give the path of the file to write")
     if os.path.isdir(path):
         raise UsageError(f"{option} {path}: a directory; give the path of the file to write")
     directory = os.path.dirname(os.path.abspath(path))
@@ -968,17 +970,18 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         from . import benchmarks
-        benchmarks.main(argv[1:])
-        return 0
-    args = _parser().parse_args(argv)
+        command, run = "bench", lambda: benchmarks.main(argv[1:], parser_class=_Parser)
+    else:
+        args = _parser().parse_args(argv)
+        command, run = args.command, lambda: args.func(args)
     from . import data
     try:
-        args.func(args)
+        run()
     except (UsageError, data.DatasetMissing) as exc:
-        print(f"invconv {args.command}: error: {_one_line(exc, None)}", file=sys.stderr)
+        print(f"invconv {command}: error: {_one_line(exc, None)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     except KeyboardInterrupt:
-        print(f"\ninvconv {args.command}: aborted", file=sys.stderr)
+        print(f"\ninvconv {command}: aborted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     return 0
 
