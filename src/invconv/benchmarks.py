@@ -1,6 +1,6 @@
 """Op-level benchmarks: invconv's kernels against the alternatives a user has.
 
-    invconv bench --quick --out ops.json                      # about a minute on a CPU
+    invconv bench --quick --out ops.json                      # seconds on a CPU
     invconv bench --device-check --out ops.json --markdown ops.md   # the GPU suite
     (python3 bench/bench_ops.py takes the same arguments)
 
@@ -569,7 +569,7 @@ def main(argv=None, parser_class=argparse.ArgumentParser):
     """``invconv bench``; ``parser_class`` lets the CLI report mistakes its own way."""
     p = parser_class(prog="invconv bench", description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small CPU shapes (about a minute)")
+    mode.add_argument("--quick", action="store_true", help="small CPU shapes (seconds)")
     mode.add_argument("--device-check", action="store_true", help="the GPU suite, time-boxed")
     mode.add_argument("--cpu-suite", action="store_true",
                       help="the flow shapes on the CPU, every host implementation (minutes)")
