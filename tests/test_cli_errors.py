@@ -181,6 +181,15 @@ def test_resume_of_nothing_is_an_error(capsys, tmp_path):
     assert list((tmp_path / "empty").iterdir()) == []
 
 
+def test_a_mistake_found_after_out_is_made_leaves_no_empty_run_directory(capsys, tmp_path):
+    assert_one_line_error(capsys, "train", "--out", tmp_path / "run", "--data-root",
+                          tmp_path / "no-data", says="MNIST")
+    (tmp_path / "kept").mkdir()
+    assert_one_line_error(capsys, "train", "--out", tmp_path / "kept", "--data-root",
+                          tmp_path / "no-data", says="MNIST")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
 def test_a_used_out_is_not_overwritten_without_overwrite(capsys, tmp_path):
     for name in (cli.CHECKPOINT, cli.METRICS):
         run = tmp_path / name

@@ -426,10 +426,20 @@ def _prepare_out(args):
 
 
 def train(args):
+    from .data import DatasetMissing
+    created = not os.path.exists(args.out)
     path = _prepare_out(args)
-    device = _device(args.device)
-    with _StopRequest(announce=int(os.environ.get("RANK", "0")) == 0) as stop_request:
-        _train(args, path, device, stop_request)
+    try:
+        device = _device(args.device)
+        with _StopRequest(announce=int(os.environ.get("RANK", "0")) == 0) as stop_request:
+            _train(args, path, device, stop_request)
+    except (UsageError, DatasetMissing):
+        if created:   # a mistake leaves no empty run directory behind
+            try:
+                os.rmdir(args.out)
+            except OSError:   # not empty (another rank wrote to it) or already gone
+                pass
+        raise
 
 
 def _train(args, path, device, stop_request):
