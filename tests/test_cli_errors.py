@@ -190,6 +190,16 @@ def test_a_mistake_found_after_out_is_made_leaves_no_empty_run_directory(capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
 
 
+def test_ctrl_c_before_training_starts_leaves_no_empty_run_directory(capsys, tmp_path,
+                                                                   monkeypatch):
+    def interrupted(name):
+        raise KeyboardInterrupt    # as when Ctrl-C lands while torch is being imported
+    monkeypatch.setattr(cli, "_device", interrupted)
+    code, lines = run_main(capsys, "train", "--out", tmp_path / "run")
+    assert code == cli.EXIT_INTERRUPTED and lines == ["invconv train: aborted"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_used_out_is_not_overwritten_without_overwrite(capsys, tmp_path):
     for name in (cli.CHECKPOINT, cli.METRICS):
         run = tmp_path / name

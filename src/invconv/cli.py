@@ -433,8 +433,8 @@ def train(args):
         device = _device(args.device)
         with _StopRequest(announce=int(os.environ.get("RANK", "0")) == 0) as stop_request:
             _train(args, path, device, stop_request)
-    except (UsageError, DatasetMissing):
-        if created:   # a mistake leaves no empty run directory behind
+    except (UsageError, DatasetMissing, KeyboardInterrupt):
+        if created:   # a mistake or an early Ctrl-C leaves no empty run directory behind
             try:
                 os.rmdir(args.out)
             except OSError:   # not empty (another rank wrote to it) or already gone
