@@ -120,6 +120,23 @@ def test_bad_checkpoint_files_are_one_line_errors(capsys, tmp_path, command):
     assert not (tmp_path / "grid.png").exists()
 
 
+@pytest.mark.parametrize("command", ["evaluate", "sample"])
+def test_a_checkpoint_from_before_the_first_step_is_a_one_line_error(capsys, tmp_path,
+                                                                    command):
+    # What Ctrl-C right after `invconv train` starts leaves: ActNorm never initialised.
+    from invconv import flows
+    model = flows.build("glow", (1, 8, 8), levels=1, steps=1, hidden=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(dict(format=cli.CHECKPOINT_FORMAT, model=model.state_dict(), config=dict(
+        model="glow", dataset="mnist", input_shape=[1, 8, 8],
+        kwargs=dict(levels=1, steps=1, hidden=4))), run / cli.CHECKPOINT)
+    extra = ["--out", tmp_path / "grid.png"] if command == "sample" else []
+    assert_one_line_error(capsys, command, "--checkpoint", run, *extra,
+                          says=["--checkpoint", "before its first training step", "--resume"])
+    assert not (tmp_path / "grid.png").exists()
+
+
 def test_resume_from_a_bad_checkpoint_is_a_one_line_error(capsys, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

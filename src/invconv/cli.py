@@ -327,6 +327,13 @@ def _load_checkpoint(path, device, option="--checkpoint"):
     model = _build_model(cfg["model"], cfg["input_shape"], _recorded_kwargs(ckpt), path)
     model = model.to(device)
     _load_weights(model, ckpt["model"], path)
+    from .flows import ActNorm
+    if any(isinstance(m, ActNorm) and not bool(m.initialized) for m in model.modules()):
+        # A run stopped before its first step (Ctrl-C right after starting)
+        # has a checkpoint, but its ActNorm layers were never initialised.
+        raise UsageError(f"{option} {path}: the run was stopped before its first training "
+                         f"step, so there is no trained model yet; continue it with "
+                         f"invconv train --out {os.path.dirname(path) or '.'} --resume")
     model.eval()
     return model, cfg
 
