@@ -262,6 +262,28 @@ def test_bench_interrupted_is_one_line_and_status_130(capsys, tmp_path, monkeypa
     assert code == cli.EXIT_INTERRUPTED and lines == ["invconv bench: aborted"]
 
 
+@pytest.mark.parametrize("failure", [
+    MemoryError("Unable to allocate 74.5 GiB for an array with shape (100000, 100000)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                 "allocate memory: you tried to allocate 156800000000 bytes."),
+])
+def test_sizes_too_large_for_memory_are_a_one_line_error(capsys, tmp_path, monkeypatch,
+                                                         failure):
+    def allocate(size):
+        raise failure
+    monkeypatch.setattr(cli, "_demo_images", allocate)
+    assert_one_line_error(capsys, "demo", "--size", "100000", "--out", tmp_path / "d.png",
+                          says=["out of memory", "--size"])
+
+
+def test_other_runtime_errors_are_not_reported_as_memory(tmp_path, monkeypatch):
+    def broken(size):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(cli, "_demo_images", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["demo", "--out", str(tmp_path / "d.png")])
+
+
 # --------------------------------------------------------------------------
 # --version, python -m invconv, help text
 

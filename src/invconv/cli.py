@@ -1000,7 +1000,24 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"\ninvconv {command}: aborted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        print(f"invconv {command}: error: out of memory: the sizes given (--n, --size, "
+              f"--batch-size ...) need more than this machine has ({_one_line(exc)})",
+              file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
     return 0
+
+
+def _out_of_memory(exc):
+    """Whether ``exc`` is an allocation failure (NumPy's MemoryError, torch's CPU or CUDA one)."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return "DefaultCPUAllocator: can't allocate memory" in str(exc)
 
 
 if __name__ == "__main__":
