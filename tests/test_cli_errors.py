@@ -262,6 +262,19 @@ def test_bench_interrupted_is_one_line_and_status_130(capsys, tmp_path, monkeypa
     assert code == cli.EXIT_INTERRUPTED and lines == ["invconv bench: aborted"]
 
 
+@pytest.mark.parametrize("command", [["train", "--out", "{tmp}/run"], ["classify"],
+                                     ["evaluate", "--checkpoint", "c.pt"],
+                                     ["sample", "--checkpoint", "c.pt", "--out", "g.png"]])
+def test_commands_needing_torch_say_how_to_install_it(capsys, tmp_path, monkeypatch, command):
+    # As after the Quick start's NumPy-only install.
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    assert_one_line_error(capsys, *[a.format(tmp=tmp_path) for a in command],
+                          says=["needs PyTorch", "invconv[torch]"])
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("failure", [
     MemoryError("Unable to allocate 74.5 GiB for an array with shape (100000, 100000)"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "

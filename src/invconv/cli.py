@@ -22,6 +22,7 @@ A mistake in the options or files is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -45,6 +46,7 @@ EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 CHECKPOINT_EVERY = 200
+NEEDS_TORCH = ("train", "evaluate", "sample", "classify")
 
 # Options that define a training run (``dest`` names).  Not given, they take
 # these values, or with ``--resume`` the run's own; given with ``--resume``,
@@ -993,6 +995,10 @@ def main(argv=None):
         command, run = args.command, lambda: args.func(args)
     from . import data
     try:
+        if command in NEEDS_TORCH and importlib.util.find_spec("torch") is None:
+            raise UsageError(f"{command} needs PyTorch, which is not installed: "
+                             f"python3 -m pip install \"invconv[torch]\" (on a machine "
+                             f"without a GPU, install PyTorch's CPU build first)")
         run()
     except (UsageError, data.DatasetMissing) as exc:
         print(f"invconv {command}: error: {_one_line(exc, None)}", file=sys.stderr)
