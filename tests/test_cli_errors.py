@@ -120,6 +120,23 @@ def test_bad_checkpoint_files_are_one_line_errors(capsys, tmp_path, command):
     assert not (tmp_path / "grid.png").exists()
 
 
+@pytest.mark.parametrize("command", ["evaluate", "sample"])
+def test_a_checkpoint_from_before_the_first_step_is_a_one_line_error(capsys, tmp_path,
+                                                                    command):
+    # What Ctrl-C right after `invconv train` starts leaves: ActNorm never initialised.
+    from invconv import flows
+    model = flows.build("glow", (1, 8, 8), levels=1, steps=1, hidden=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(dict(format=cli.CHECKPOINT_FORMAT, model=model.state_dict(), config=dict(
+        model="glow", dataset="mnist", input_shape=[1, 8, 8],
+        kwargs=dict(levels=1, steps=1, hidden=4))), run / cli.CHECKPOINT)
+    extra = ["--out", tmp_path / "grid.png"] if command == "sample" else []
+    assert_one_line_error(capsys, command, "--checkpoint", run, *extra,
+                          says=["--checkpoint", "before its first training step", "--resume"])
+    assert not (tmp_path / "grid.png").exists()
+
+
 def test_resume_from_a_bad_checkpoint_is_a_one_line_error(capsys, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -181,6 +198,25 @@ def test_resume_of_nothing_is_an_error(capsys, tmp_path):
     assert list((tmp_path / "empty").iterdir()) == []
 
 
+def test_a_mistake_found_after_out_is_made_leaves_no_empty_run_directory(capsys, tmp_path):
+    assert_one_line_error(capsys, "train", "--out", tmp_path / "run", "--data-root",
+                          tmp_path / "no-data", says="MNIST")
+    (tmp_path / "kept").mkdir()
+    assert_one_line_error(capsys, "train", "--out", tmp_path / "kept", "--data-root",
+                          tmp_path / "no-data", says="MNIST")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
+def test_ctrl_c_before_training_starts_leaves_no_empty_run_directory(capsys, tmp_path,
+                                                                   monkeypatch):
+    def interrupted(name):
+        raise KeyboardInterrupt    # as when Ctrl-C lands while torch is being imported
+    monkeypatch.setattr(cli, "_device", interrupted)
+    code, lines = run_main(capsys, "train", "--out", tmp_path / "run")
+    assert code == cli.EXIT_INTERRUPTED and lines == ["invconv train: aborted"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_used_out_is_not_overwritten_without_overwrite(capsys, tmp_path):
     for name in (cli.CHECKPOINT, cli.METRICS):
         run = tmp_path / name
@@ -189,6 +225,76 @@ def test_a_used_out_is_not_overwritten_without_overwrite(capsys, tmp_path):
         assert_one_line_error(capsys, "train", "--out", run,
                               says=["already holds a run", "--resume", "--overwrite"])
         assert (run / name).read_bytes() == b"an earlier run"
+
+
+@pytest.mark.parametrize("command", [["demo"], ["sample", "--checkpoint", "c.pt"]])
+def test_an_empty_out_is_a_one_line_error_that_writes_nothing(capsys, tmp_path, monkeypatch,
+                                                              command):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(capsys, *command, "--out", "", says=["--out", "empty"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--kernel-size", "0"], "--kernel-size"),
+    (["--kernel-size", "three"], "--kernel-size"),
+    (["--out", "{missing}/ops.json"], "--out"),
+    (["--out", "{tmp}"], "--out"),
+    (["--out", ""], "--out"),
+    (["--out", "{tmp}/ops.json", "--markdown", "{missing}/ops.md"], "--markdown"),
+    ([], "--out"),
+])
+def test_bench_mistakes_are_one_line_errors_before_any_timing(capsys, tmp_path, argv, says):
+    argv = [a.format(tmp=tmp_path, missing=tmp_path / "no" / "such") for a in argv]
+    if "--out" not in argv and argv:
+        argv += ["--out", str(tmp_path / "ops.json")]
+    assert_one_line_error(capsys, "bench", "--quick", *argv, says=says)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_interrupted_is_one_line_and_status_130(capsys, tmp_path, monkeypatch):
+    from invconv import benchmarks
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(benchmarks, "run", interrupted)
+    code, lines = run_main(capsys, "bench", "--quick", "--out", tmp_path / "ops.json")
+    assert code == cli.EXIT_INTERRUPTED and lines == ["invconv bench: aborted"]
+
+
+@pytest.mark.parametrize("command", [["train", "--out", "{tmp}/run"], ["classify"],
+                                     ["evaluate", "--checkpoint", "c.pt"],
+                                     ["sample", "--checkpoint", "c.pt", "--out", "g.png"]])
+def test_commands_needing_torch_say_how_to_install_it(capsys, tmp_path, monkeypatch, command):
+    # As after the Quick start's NumPy-only install.
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    assert_one_line_error(capsys, *[a.format(tmp=tmp_path) for a in command],
+                          says=["needs PyTorch", "invconv[torch]"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError("Unable to allocate 74.5 GiB for an array with shape (100000, 100000)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                 "allocate memory: you tried to allocate 156800000000 bytes."),
+])
+def test_sizes_too_large_for_memory_are_a_one_line_error(capsys, tmp_path, monkeypatch,
+                                                         failure):
+    def allocate(size):
+        raise failure
+    monkeypatch.setattr(cli, "_demo_images", allocate)
+    assert_one_line_error(capsys, "demo", "--size", "100000", "--out", tmp_path / "d.png",
+                          says=["out of memory", "--size"])
+
+
+def test_other_runtime_errors_are_not_reported_as_memory(tmp_path, monkeypatch):
+    def broken(size):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(cli, "_demo_images", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["demo", "--out", str(tmp_path / "d.png")])
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Op-level benchmarks: invconv's kernels against the alternatives a user has.
 
-    invconv bench --quick --out ops.json                      # about a minute on a CPU
+    invconv bench --quick --out ops.json                      # seconds on a CPU
     invconv bench --device-check --out ops.json --markdown ops.md   # the GPU suite
     (python3 bench/bench_ops.py takes the same arguments)
 
@@ -41,6 +41,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -554,17 +555,28 @@ def _schedule_table(rows, title, ops, steps):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="invconv bench", description=__doc__.split("\n\n")[0])
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def main(argv=None, parser_class=argparse.ArgumentParser):
+    """``invconv bench``; ``parser_class`` lets the CLI report mistakes its own way."""
+    p = parser_class(prog="invconv bench", description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small CPU shapes (about a minute)")
+    mode.add_argument("--quick", action="store_true", help="small CPU shapes (seconds)")
     mode.add_argument("--device-check", action="store_true", help="the GPU suite, time-boxed")
     mode.add_argument("--cpu-suite", action="store_true",
                       help="the flow shapes on the CPU, every host implementation (minutes)")
     p.add_argument("--out", required=True, help="JSON file for the rows")
     p.add_argument("--markdown", help="markdown table file")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--kernel-size", type=int, default=3)
+    p.add_argument("--kernel-size", type=_positive_int, default=3)
     p.add_argument("--schedules", default="",
                    help="comma-separated solve or convolution schedules to time beside the "
                         "default (GPU only), e.g. lanes,tiled,tiled:16x16,smem,smem:4")
@@ -576,6 +588,13 @@ def main(argv=None):
             parse_schedule(schedule)
         except ValueError as exc:
             p.error(f"--schedules: {exc}")
+    # Checked before measuring: the files are first written after a shape's timings.
+    for option, path in (("--out", args.out), ("--markdown", args.markdown)):
+        if path is None:
+            continue
+        directory = os.path.dirname(os.path.abspath(path)) if path else ""
+        if not path or os.path.isdir(path) or not os.path.isdir(directory):
+            p.error(f"{option} {path!r}: not a file path in an existing directory")
 
     try:
         import cupy

@@ -22,6 +22,7 @@ A mistake in the options or files is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -45,6 +46,7 @@ EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 CHECKPOINT_EVERY = 200
+NEEDS_TORCH = ("train", "evaluate", "sample", "classify")
 
 # Options that define a training run (``dest`` names).  Not given, they take
 # these values, or with ``--resume`` the run's own; given with ``--resume``,
@@ -327,6 +329,13 @@ def _load_checkpoint(path, device, option="--checkpoint"):
     model = _build_model(cfg["model"], cfg["input_shape"], _recorded_kwargs(ckpt), path)
     model = model.to(device)
     _load_weights(model, ckpt["model"], path)
+    from .flows import ActNorm
+    if any(isinstance(m, ActNorm) and not bool(m.initialized) for m in model.modules()):
+        # A run stopped before its first step (Ctrl-C right after starting)
+        # has a checkpoint, but its ActNorm layers were never initialised.
+        raise UsageError(f"{option} {path}: the run was stopped before its first training "
+                         f"step, so there is no trained model yet; continue it with "
+                         f"invconv train --out {os.path.dirname(path) or '.'} --resume")
     model.eval()
     return model, cfg
 
@@ -426,10 +435,20 @@ def _prepare_out(args):
 
 
 def train(args):
+    from .data import DatasetMissing
+    created = not os.path.exists(args.out)
     path = _prepare_out(args)
-    device = _device(args.device)
-    with _StopRequest(announce=int(os.environ.get("RANK", "0")) == 0) as stop_request:
-        _train(args, path, device, stop_request)
+    try:
+        device = _device(args.device)
+        with _StopRequest(announce=int(os.environ.get("RANK", "0")) == 0) as stop_request:
+            _train(args, path, device, stop_request)
+    except (UsageError, DatasetMissing, KeyboardInterrupt):
+        if created:   # a mistake or an early Ctrl-C leaves no empty run directory behind
+            try:
+                os.rmdir(args.out)
+            except OSError:   # not empty (another rank wrote to it) or already gone
+                pass
+        raise
 
 
 def _train(args, path, device, stop_request):
@@ -640,6 +659,8 @@ def evaluate(args):
 
 def _check_output_file(path, option="--out"):
     """A file path whose directory exists and which is not itself a directory."""
+    if not path:
+        raise UsageError(f"{option} is empty; give the path of the file to write")
     if os.path.isdir(path):
         raise UsageError(f"{option} {path}: a directory; give the path of the file to write")
     directory = os.path.dirname(os.path.abspath(path))
@@ -968,19 +989,41 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         from . import benchmarks
-        benchmarks.main(argv[1:])
-        return 0
-    args = _parser().parse_args(argv)
+        command, run = "bench", lambda: benchmarks.main(argv[1:], parser_class=_Parser)
+    else:
+        args = _parser().parse_args(argv)
+        command, run = args.command, lambda: args.func(args)
     from . import data
     try:
-        args.func(args)
+        if command in NEEDS_TORCH and importlib.util.find_spec("torch") is None:
+            raise UsageError(f"{command} needs PyTorch, which is not installed: "
+                             f"python3 -m pip install \"invconv[torch]\" (on a machine "
+                             f"without a GPU, install PyTorch's CPU build first)")
+        run()
     except (UsageError, data.DatasetMissing) as exc:
-        print(f"invconv {args.command}: error: {_one_line(exc, None)}", file=sys.stderr)
+        print(f"invconv {command}: error: {_one_line(exc, None)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     except KeyboardInterrupt:
-        print(f"\ninvconv {args.command}: aborted", file=sys.stderr)
+        print(f"\ninvconv {command}: aborted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        print(f"invconv {command}: error: out of memory: the sizes given (--n, --size, "
+              f"--batch-size ...) need more than this machine has ({_one_line(exc)})",
+              file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
     return 0
+
+
+def _out_of_memory(exc):
+    """Whether ``exc`` is an allocation failure (NumPy's MemoryError, torch's CPU or CUDA one)."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return "DefaultCPUAllocator: can't allocate memory" in str(exc)
 
 
 if __name__ == "__main__":
