@@ -35,12 +35,13 @@ left (``-1`` for right).  The kernels and the reference share this form.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import _backends
+from . import _backends, _cache
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 BACKENDS = _backends.names()
@@ -89,6 +90,9 @@ class Conv:
 
     def ignored_mask(self) -> np.ndarray:
         """Boolean ``(C, C_g, kh, kw)``: True where the weight is never read."""
+        return _masking(self)[0].copy()
+
+    def _build_masking(self):
         cg = self.group_channels
         out_local = np.arange(self.channels)[:, None] % cg
         in_local = np.arange(cg)[None, :]
@@ -100,11 +104,26 @@ class Conv:
         mask[:, :, u0, v0] = block
         return mask
 
+    def _build_fill(self, dtype):
+        """What ignored entries read as: 1 on a unit diagonal, else 0."""
+        fill = np.zeros((self.channels, self.group_channels, self.kh, self.kw), dtype=dtype)
+        if self.unit_diagonal:
+            u0, v0 = self.same_pixel_tap
+            c = np.arange(self.channels)
+            fill[c, c % self.group_channels, u0, v0] = 1
+        return fill
+
     def diagonal(self, weight):
         """The stored same-pixel diagonal ``W[c, c % C_g, u0, v0]``, shape (C,)."""
         u0, v0 = self.same_pixel_tap
         c = np.arange(self.channels)
         return weight[c, c % self.group_channels, u0, v0]
+
+
+@functools.lru_cache(maxsize=256)
+def _masking(conv: Conv, dtype=np.float64):
+    """(ignored mask, fill of ``dtype``) of ``conv``: read-only, built once."""
+    return _cache.frozen(conv._build_masking(), conv._build_fill(np.dtype(dtype)))
 
 
 def effective_weight(weight, conv: Conv):
@@ -114,14 +133,8 @@ def effective_weight(weight, conv: Conv):
     multiplied, so a NaN stored there cannot leak into results.
     """
     xp = _array_module(weight)
-    ignored = conv.ignored_mask()
-    mask = xp.asarray(ignored)
-    fill = np.zeros(ignored.shape, dtype=weight.dtype)
-    if conv.unit_diagonal:
-        u0, v0 = conv.same_pixel_tap
-        c = np.arange(conv.channels)
-        fill[c, c % conv.group_channels, u0, v0] = 1
-    return xp.where(mask, xp.asarray(fill), weight)
+    mask, fill = _masking(conv, weight.dtype)
+    return xp.where(xp.asarray(mask), xp.asarray(fill), weight)
 
 
 # --------------------------------------------------------------------------
@@ -281,13 +294,48 @@ def _prepare(images: dict, weight, *, corner, groups, unit_diagonal, backend, st
     """
     arrays, kinds = {}, {}
     for name, obj in images.items():
-        arr, kind = as_array(obj, name)
+        arrays[name], kinds[name] = as_array(obj, name)
+    weight, kinds["weight"] = as_array(weight, "weight")
+    try:
+        signature = (tuple((n, kinds[n], a.shape, a.dtype) for n, a in arrays.items()),
+                     kinds["weight"], weight.shape, weight.dtype, _devices(arrays, weight),
+                     type(corner), corner, type(groups), groups, type(unit_diagonal),
+                     unit_diagonal, type(backend), backend, stream is None)
+        known = _signatures.get(signature)
+    except TypeError:               # an unhashable argument: the checks below name it
+        signature = known = None
+    if known is None:
+        known = _validate(arrays, kinds, weight, corner, groups, unit_diagonal, backend, stream)
+        if signature is not None:
+            _signatures.put(signature, known, 1)
+    conv, kind, backend = known
+    if solve and (kind == "numpy" or host_sync):
+        check_nonsingular(weight, conv)
+    return _Call(arrays, weight, conv, kind, backend, stream)
+
+
+# Validated call signatures (names, kinds, shapes, dtypes and devices of the
+# arrays, and the options with their types) -> (Conv, kind, backend): an
+# identical call skips the checks, which cost more than a small op itself.
+# What depends on values (the zero-diagonal check) runs on every call.
+_signatures = _cache.BoundedCache(max_entries=1024, max_bytes=1 << 30)
+
+
+def _devices(arrays, weight):
+    """The CUDA device of each array of a CuPy call (none for a NumPy call)."""
+    if isinstance(weight, np.ndarray):
+        return ()
+    return tuple(getattr(getattr(a, "device", None), "id", None)
+                 for a in (*arrays.values(), weight))
+
+
+def _validate(arrays, kinds, weight, corner, groups, unit_diagonal, backend, stream):
+    """The checks of :func:`_prepare` that depend only on its signature."""
+    for name, arr in arrays.items():
         _check_float(arr, name)
         if arr.ndim != 4:
             raise ValueError(
                 f"{name} must have 4 dimensions (B, C, H, W), got shape {tuple(arr.shape)}")
-        arrays[name], kinds[name] = arr, kind
-    weight, kinds["weight"] = as_array(weight, "weight")
     _check_float(weight, "weight")
     first = next(iter(arrays))
     shape = arrays[first].shape
@@ -314,9 +362,7 @@ def _prepare(images: dict, weight, *, corner, groups, unit_diagonal, backend, st
     backend = _resolve_backend(backend, kind)
     if stream is not None and kind != "cupy":
         raise ValueError("stream is only meaningful for CuPy arrays; pass stream=None")
-    if solve and (kind == "numpy" or host_sync):
-        check_nonsingular(weight, conv)
-    return _Call(arrays, weight, conv, kind, backend, stream)
+    return conv, kind, backend
 
 
 def _resolve_backend(backend, kind: str) -> str:

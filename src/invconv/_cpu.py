@@ -87,7 +87,8 @@ import threading
 
 import numpy as np
 
-from ._api import Conv, effective_weight
+from . import _cache
+from ._api import Conv, _masking, effective_weight
 
 _IM2COL_ELEMENTS = 1 << 18      # im2col chunk bound in elements (about L2-sized)
 _PLAN_ENTRIES = 32              # plan cache bound: entries ...
@@ -104,7 +105,29 @@ def _flip(a, rows: bool, cols: bool):
     return a[..., ::-1 if rows else 1, ::-1 if cols else 1]
 
 
-def _blocks(weight, conv: Conv, adjoint: bool):
+class _Operator:
+    """The blocks of one (adjoint) operator, as :func:`_blocks` returns them.
+
+    ``key`` identifies the weight values and options exactly (the weight's
+    bytes), so work derived from the blocks alone (the folded tile operators,
+    the convolution's GEMM matrix) is cached under it: a repeated call with
+    the same weight, and the solve and vjp of one training step, fold once.
+    """
+
+    __slots__ = ("key", "blocks", "flip_rows", "flip_cols", "finite")
+
+    def __init__(self, key, blocks, flip_rows, flip_cols):
+        self.key, self.blocks = key, _cache.frozen(blocks)
+        self.flip_rows, self.flip_cols = flip_rows, flip_cols
+        self.finite = bool(np.isfinite(blocks).all())
+
+
+# Operators and what is derived from them, by weight bytes: bounded so that a
+# training run (a new weight every step) only ever holds the newest few.
+_derived = _cache.BoundedCache(max_entries=64, max_bytes=64 << 20)
+
+
+def _blocks(weight, conv: Conv, adjoint: bool) -> _Operator:
     """(kh, kw, C, C) offset-form blocks A[du, dv] in the input dtype, and the
     flips that make the (adjoint) operator read up-left.
 
@@ -112,6 +135,12 @@ def _blocks(weight, conv: Conv, adjoint: bool):
     flipping the axes whose sign is -1 makes it read (h - du, w - dv).  The
     adjoint reads (h + rs*du, w + cs*dv) with A^T: flip the other axes.
     """
+    key = ("blocks", conv, adjoint, weight.dtype.str, weight.shape, weight.tobytes())
+    return _derived.get_or_build(key, lambda: _build_blocks(key, weight, conv, adjoint),
+                                 lambda op: 2 * op.blocks.nbytes)
+
+
+def _build_blocks(key, weight, conv, adjoint):
     C, cg, kh, kw = weight.shape
     weff = effective_weight(weight, conv)
     if conv.row_sign > 0:
@@ -124,8 +153,14 @@ def _blocks(weight, conv: Conv, adjoint: bool):
         blocks[:, :, s, s] = weff[s].transpose(2, 3, 0, 1)
     if adjoint:
         blocks = np.ascontiguousarray(blocks.transpose(0, 1, 3, 2))
-        return blocks, conv.row_sign > 0, conv.col_sign > 0
-    return blocks, conv.row_sign < 0, conv.col_sign < 0
+        return _Operator(key, blocks, conv.row_sign > 0, conv.col_sign > 0)
+    return _Operator(key, blocks, conv.row_sign < 0, conv.col_sign < 0)
+
+
+def _derived_from(operator: _Operator, what, build):
+    """``build()``, cached with ``operator`` under ``what`` (a NumPy array)."""
+    return _derived.get_or_build((what, operator.key),
+                                 lambda: _cache.frozen(build()), lambda a: a.nbytes)
 
 
 # --------------------------------------------------------------------------
@@ -203,19 +238,25 @@ def _per_group(a, groups):
     return a if groups == 1 else a.reshape(groups, a.shape[0] // groups, -1)
 
 
-def _apply(x, blocks, flip_rows, flip_cols, groups):
+def _conv_matrix(blocks, groups):
+    """a[g, o, (i, du, dv)] = A[du, dv][g*cg + o, g*cg + i] (no g for one group)."""
+    kh, kw, C = blocks.shape[:3]
+    cg = C // groups
+    a = np.stack([blocks[:, :, s, s].transpose(2, 3, 0, 1).reshape(cg, cg * kh * kw)
+                  for s in (slice(g * cg, (g + 1) * cg) for g in range(groups))])
+    return a[0] if groups == 1 else a
+
+
+def _apply(x, operator: _Operator, groups):
     """sum_{du,dv} A[du,dv] @ x[h-du, w-dv] on the flipped view; returned unflipped.
 
     Groups are independent: one batched GEMM of each group's rows.
     """
     B, C, H, W = x.shape
+    blocks, flip_rows, flip_cols = operator.blocks, operator.flip_rows, operator.flip_cols
     kh, kw = blocks.shape[:2]
-    cg = C // groups
     xb = _batch_last(_flip(x, flip_rows, flip_cols), H + kh - 1, W + kw - 1, kh - 1, kw - 1)
-    # a[g, o, (i, du, dv)] = A[du, dv][g*cg + o, g*cg + i]
-    a = np.stack([blocks[:, :, s, s].transpose(2, 3, 0, 1).reshape(cg, cg * kh * kw)
-                  for s in (slice(g * cg, (g + 1) * cg) for g in range(groups))])
-    a = a[0] if groups == 1 else a
+    a = _derived_from(operator, ("conv matrix", groups), lambda: _conv_matrix(blocks, groups))
     yb = np.empty((C, H, W, B), dtype=x.dtype)
     for r0, r1 in _row_chunks(H, kh * kw * C * W * B, x.size):
         z = _per_group(_im2col(xb, kh, kw, r0, r1, W), groups)
@@ -443,20 +484,28 @@ def _folded_operator(blocks, th, tw, dtype):
     return op.astype(dtype)
 
 
-def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
+def _folded_operators(blocks, groups, th, tw):
+    """Each group's :func:`_folded_operator`, stacked (no group axis for one)."""
+    cg = blocks.shape[2] // groups
+    ops = np.stack([_folded_operator(blocks[:, :, s, s], th, tw, blocks.dtype)
+                    for s in (slice(g * cg, (g + 1) * cg) for g in range(groups))])
+    return ops[0] if groups == 1 else ops
+
+
+def _wavefront(rhs, operator: _Operator, groups):
     """Solve sum_{du,dv} A[du,dv] x[h-du, w-dv] = rhs on the flipped view.
 
     Groups are independent: channel-major rows and columns make the folded
     operator block-diagonal, so each step is one batched GEMM over groups.
     """
     B, C, H, W = rhs.shape
+    blocks, flip_rows, flip_cols = operator.blocks, operator.flip_rows, operator.flip_cols
     kh, kw = blocks.shape[:2]
     cg = C // groups
     th, tw = _tile(B, cg, H, W, kh, kw)
     plan = _plan(C, H, W, kh, kw, th, tw)
-    ops = np.stack([_folded_operator(blocks[:, :, s, s], th, tw, rhs.dtype)
-                    for s in (slice(g * cg, (g + 1) * cg) for g in range(groups))])
-    ops = ops[0] if groups == 1 else ops
+    ops = _derived_from(operator, ("folded", groups, th, tw),
+                        lambda: _folded_operators(blocks, groups, th, tw))
     lead = () if groups == 1 else (groups,)
     z_rows, out_rows = cg * (th + kh - 1) * (tw + kw - 1), cg * th * tw
     store = np.empty(plan.rows * B, dtype=rhs.dtype)
@@ -501,34 +550,34 @@ def _reference():
 # entries that are read (ignored ones are already replaced by 0 or 1).
 
 def _forward(x, weight, conv: Conv):
-    blocks, rows, cols = _blocks(weight, conv, adjoint=False)
-    if not _finite(x, blocks):
+    operator = _blocks(weight, conv, adjoint=False)
+    if not (operator.finite and _finite(x)):
         return _reference()._forward(x, weight, conv)
-    return _apply(x, blocks, rows, cols, conv.groups)
+    return _apply(x, operator, conv.groups)
 
 
 def _forward_adjoint(grad_y, weight, conv: Conv):
-    blocks, rows, cols = _blocks(weight, conv, adjoint=True)
-    if not _finite(grad_y, blocks):
+    operator = _blocks(weight, conv, adjoint=True)
+    if not (operator.finite and _finite(grad_y)):
         return _reference()._forward_adjoint(grad_y, weight, conv)
-    return _apply(grad_y, blocks, rows, cols, conv.groups)
+    return _apply(grad_y, operator, conv.groups)
 
 
 def _solve(y, weight, conv: Conv):
-    blocks, rows, cols = _blocks(weight, conv, adjoint=False)
-    if not _finite(y, blocks):
+    operator = _blocks(weight, conv, adjoint=False)
+    if not (operator.finite and _finite(y)):
         return _reference()._solve(y, weight, conv)
-    x = _wavefront(y, blocks, rows, cols, conv.groups)
+    x = _wavefront(y, operator, conv.groups)
     if not _finite(x):      # overflowed mid-solve (module docstring)
         return _reference()._solve(y, weight, conv)
     return x
 
 
 def _solve_adjoint(grad_x, weight, conv: Conv):
-    blocks, rows, cols = _blocks(weight, conv, adjoint=True)
-    if not _finite(grad_x, blocks):
+    operator = _blocks(weight, conv, adjoint=True)
+    if not (operator.finite and _finite(grad_x)):
         return _reference()._solve_adjoint(grad_x, weight, conv)
-    grad_y = _wavefront(grad_x, blocks, rows, cols, conv.groups)
+    grad_y = _wavefront(grad_x, operator, conv.groups)
     if not _finite(grad_y):
         return _reference()._solve_adjoint(grad_x, weight, conv)
     return grad_y
@@ -542,5 +591,5 @@ def _weight_grad(grad_out, x, scale, conv: Conv):
                                  conv.kh, conv.kw, conv.groups)
     # canonical offset (du, dv) is kernel tap (u, v) with u = kh-1-du for a padded top
     out = _flip(out, conv.row_sign > 0, conv.col_sign > 0) * np.asarray(scale, dtype=x.dtype)
-    out[conv.ignored_mask()] = 0
+    out[_masking(conv)[0]] = 0
     return out

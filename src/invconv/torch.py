@@ -31,6 +31,7 @@ Layers follow the nflows/zuko convention: both directions return
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 
@@ -40,7 +41,7 @@ from torch import Tensor
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.function import _SingleLevelFunction
 
-from . import _api
+from . import _api, _cache
 
 __all__ = ["conv2d", "inv_conv2d", "InvConv2d", "MaskedConv2d"]
 
@@ -63,8 +64,10 @@ class _TorchBlock:
             pass
 
 
+@functools.lru_cache(maxsize=1)
 def _torch_allocator():
-    """A CuPy allocator that takes memory from PyTorch's caching allocator."""
+    """A CuPy allocator that takes memory from PyTorch's caching allocator
+    (one for the process: it reads the current device and stream per call)."""
     import cupy
 
     def allocate(size):
@@ -79,8 +82,23 @@ def _torch_allocator():
 
 
 def _cupy_stream(device):
-    import cupy
+    """CuPy's handle of torch's current stream on ``device``, made once per
+    stream (creating one per call cost microseconds of every launch)."""
     stream = torch.cuda.current_stream(device)
+    key = (device.index, stream.cuda_stream)
+    wrapped = _cupy_streams.get(key)
+    if wrapped is None:
+        wrapped = _cupy_streams.put(key, _wrap_stream(stream, device), 1)
+    return wrapped
+
+
+# Torch streams as CuPy streams, by (device, handle); a handle names one live
+# stream at a time, so a recycled handle is the same stream.
+_cupy_streams = _cache.BoundedCache(max_entries=64, max_bytes=1 << 20)
+
+
+def _wrap_stream(stream, device):
+    import cupy
     from_external = getattr(cupy.cuda.Stream, "from_external", None)
     if from_external is not None:
         try:
@@ -256,6 +274,26 @@ inv_conv2d_adjoint_op = _register(_inv_conv2d_adjoint, _like_first, _image_vmap)
 conv2d_weight_grad_op = _register(_conv2d_weight_grad, _like_weight, _weight_grad_vmap)
 
 
+class _Ops:
+    """The five ops as the derivative formulas below call them: ``DISPATCHED``
+    (the registered operators: differentiable again, seen by every torch.func
+    transform and by torch.compile) or ``DIRECT`` (the backend calls
+    themselves, for plain tensors where no further derivative is recorded)."""
+
+    def __init__(self, conv2d, inv_conv2d, conv2d_adjoint, inv_conv2d_adjoint, weight_grad):
+        self.conv2d, self.inv_conv2d = conv2d, inv_conv2d
+        self.conv2d_adjoint, self.inv_conv2d_adjoint = conv2d_adjoint, inv_conv2d_adjoint
+        self.weight_grad = weight_grad
+
+
+_DISPATCHED = _Ops(conv2d_op, inv_conv2d_op, conv2d_adjoint_op, inv_conv2d_adjoint_op,
+                   conv2d_weight_grad_op)
+_DIRECT = _Ops(_conv2d, _inv_conv2d, _conv2d_adjoint, _inv_conv2d_adjoint, _conv2d_weight_grad)
+_BACKEND_OF = {conv2d_op: _conv2d, inv_conv2d_op: _inv_conv2d,
+               conv2d_adjoint_op: _conv2d_adjoint, inv_conv2d_adjoint_op: _inv_conv2d_adjoint,
+               conv2d_weight_grad_op: _conv2d_weight_grad}
+
+
 # --------------------------------------------------------------------------
 # derivatives
 #
@@ -296,10 +334,10 @@ def _setup_conv2d(ctx, inputs, output):
     ctx.opts = opts
 
 
-def _backward_conv2d(ctx, grad):
+def _backward_conv2d(ctx, grad, ops=_DISPATCHED):
     x, weight = ctx.saved_tensors
-    grad_x = conv2d_adjoint_op(grad, weight, *ctx.opts) if ctx.needs_input_grad[0] else None
-    grad_w = (conv2d_weight_grad_op(grad, x, weight, 1.0, *ctx.opts)
+    grad_x = ops.conv2d_adjoint(grad, weight, *ctx.opts) if ctx.needs_input_grad[0] else None
+    grad_w = (ops.weight_grad(grad, x, weight, 1.0, *ctx.opts)
               if ctx.needs_input_grad[1] else None)
     return grad_x, grad_w, None, None, None
 
@@ -321,12 +359,12 @@ def _setup_inv_conv2d(ctx, inputs, output):
     ctx.opts = opts
 
 
-def _backward_inv_conv2d(ctx, grad):
+def _backward_inv_conv2d(ctx, grad, ops=_DISPATCHED):
     x, weight = ctx.saved_tensors
     if not any(ctx.needs_input_grad[:2]):
         return None, None, None, None, None
-    grad_y = inv_conv2d_adjoint_op(grad, weight, *ctx.opts)
-    grad_w = (conv2d_weight_grad_op(grad_y, x, weight, -1.0, *ctx.opts)
+    grad_y = ops.inv_conv2d_adjoint(grad, weight, *ctx.opts)
+    grad_w = (ops.weight_grad(grad_y, x, weight, -1.0, *ctx.opts)
               if ctx.needs_input_grad[1] else None)
     return (grad_y if ctx.needs_input_grad[0] else None), grad_w, None, None, None
 
@@ -348,11 +386,11 @@ def _setup_conv2d_adjoint(ctx, inputs, output):
     ctx.opts = opts
 
 
-def _backward_conv2d_adjoint(ctx, grad_h):
+def _backward_conv2d_adjoint(ctx, grad_h, ops=_DISPATCHED):
     # <G, M^T g> = <g, M G>
     grad, weight = ctx.saved_tensors
-    grad_g = conv2d_op(grad_h, weight, *ctx.opts) if ctx.needs_input_grad[0] else None
-    grad_w = (conv2d_weight_grad_op(grad, grad_h, weight, 1.0, *ctx.opts)
+    grad_g = ops.conv2d(grad_h, weight, *ctx.opts) if ctx.needs_input_grad[0] else None
+    grad_w = (ops.weight_grad(grad, grad_h, weight, 1.0, *ctx.opts)
               if ctx.needs_input_grad[1] else None)
     return grad_g, grad_w, None, None, None
 
@@ -373,13 +411,13 @@ def _setup_inv_conv2d_adjoint(ctx, inputs, output):
     ctx.opts = opts
 
 
-def _backward_inv_conv2d_adjoint(ctx, grad_h):
+def _backward_inv_conv2d_adjoint(ctx, grad_h, ops=_DISPATCHED):
     # <G, dh> = -<M^-1 G, dM^T h> = -<h, dM u> with u = M^-1 G
     h, weight = ctx.saved_tensors
     if not any(ctx.needs_input_grad[:2]):
         return None, None, None, None, None
-    u = inv_conv2d_op(grad_h, weight, *ctx.opts)
-    grad_w = (conv2d_weight_grad_op(h, u, weight, -1.0, *ctx.opts)
+    u = ops.inv_conv2d(grad_h, weight, *ctx.opts)
+    grad_w = (ops.weight_grad(h, u, weight, -1.0, *ctx.opts)
               if ctx.needs_input_grad[1] else None)
     return (u if ctx.needs_input_grad[0] else None), grad_w, None, None, None
 
@@ -401,14 +439,14 @@ def _setup_weight_grad(ctx, inputs, output):
     ctx.scale, ctx.opts = scale, opts
 
 
-def _backward_weight_grad(ctx, grad_gw):
+def _backward_weight_grad(ctx, grad_gw, ops=_DISPATCHED):
     # <Gw, G_W> = scale * <g, M'(Gw) x>
     grad, x, weight = ctx.saved_tensors
     grad_g = grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_g = ctx.scale * _linear_part(conv2d_op, x, grad_gw, *ctx.opts)
+        grad_g = ctx.scale * _linear_part(ops.conv2d, x, grad_gw, *ctx.opts)
     if ctx.needs_input_grad[1]:
-        grad_x = ctx.scale * _linear_part(conv2d_adjoint_op, grad, grad_gw, *ctx.opts)
+        grad_x = ctx.scale * _linear_part(ops.conv2d_adjoint, grad, grad_gw, *ctx.opts)
     return grad_g, grad_x, None, None, None, None, None
 
 
@@ -453,6 +491,65 @@ def _differentiable(op, setup_context, backward, jvp):
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
     _LIB.impl(op._opname, autograd_kernel, "Autograd", with_keyset=True)
+    _FAST[op] = _fast_function(op, setup_context, backward, jvp)
+
+
+# --------------------------------------------------------------------------
+# the fast path
+#
+# Through the dispatcher a call crosses three Python kernels (the op, its
+# Autograd kernel, the function's forward calling the op again below
+# autograd), which cost several times the backend call on small images.  For
+# plain tensors -- no torch.func transform, no torch.compile tracing, no
+# forward-mode level, no torch_function or dispatch mode, CPU or CUDA tensors
+# of the base class -- nothing but autograd needs to see the op, so the
+# public functions call the backend directly (no gradient needed) or through
+# a plain autograd.Function recording the same formulas; its backward calls
+# the backends directly too unless it builds a graph (create_graph), which
+# goes through the dispatched ops so that it is differentiable again.
+
+_FAST: dict = {}
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _plain(*tensors) -> bool:
+    """True where nothing but autograd needs to see the op (see above)."""
+    if (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.forward_ad._current_level >= 0
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._len_torch_dispatch_stack()):
+        return False
+    return all(type(t) in _PLAIN_TYPES and t.device.type in ("cpu", "cuda") for t in tensors)
+
+
+def _fast_function(op, setup_context, backward, jvp):
+    """A plain autograd.Function with ``op``'s formulas (see above)."""
+    backend = _BACKEND_OF[op]
+
+    # forward takes ctx (no setup_context staticmethod): Function.apply then
+    # skips binding the arguments with inspect.signature, which alone cost
+    # about 15 us a call
+    def fast_forward(ctx, *args):
+        output = backend(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    def fast_backward(ctx, *grads):
+        direct = not torch.is_grad_enabled() and _plain(*grads, *ctx.saved_tensors)
+        return backward(ctx, *grads, ops=_DIRECT if direct else _DISPATCHED)
+
+    return type(f"{op._opname}_fast", (torch.autograd.Function,), {
+        "forward": staticmethod(fast_forward), "backward": staticmethod(fast_backward),
+        "jvp": staticmethod(jvp)})
+
+
+def _call(op, image, weight, *options):
+    """``op(image, weight, *options)`` by the fastest route that records what is needed."""
+    if not _plain(image, weight):
+        return op(image, weight, *options)
+    if torch.is_grad_enabled() and (image.requires_grad or weight.requires_grad):
+        return _FAST[op].apply(image, weight, *options)
+    return _BACKEND_OF[op](image, weight, *options)
 
 
 _differentiable(conv2d_op, _setup_conv2d, _backward_conv2d, _jvp_conv2d)
@@ -466,7 +563,28 @@ _differentiable(conv2d_weight_grad_op, _setup_weight_grad, _backward_weight_grad
 
 
 def _check_options(x, weight, corner, groups, unit_diagonal, image="x"):
-    """Validate a functional op's arguments; ``image`` is the name of ``x`` in messages."""
+    """Validate a functional op's arguments; ``image`` is the name of ``x`` in messages.
+
+    A signature seen before (the tensors' types, devices, dtypes and shapes,
+    the options with their types) passes without the checks again.
+    """
+    try:
+        signature = (type(x), type(weight), x.device, weight.device, x.dtype, weight.dtype,
+                     x.shape, weight.shape, type(corner), corner, type(groups), groups,
+                     type(unit_diagonal), unit_diagonal, image)
+        if _checked.get(signature) is not None:
+            return
+    except (AttributeError, TypeError):  # not tensors, or unhashable options: checked below
+        signature = None
+    _check_options_once(x, weight, corner, groups, unit_diagonal, image)
+    if signature is not None:
+        _checked.put(signature, True, 1)
+
+
+_checked = _cache.BoundedCache(max_entries=1024, max_bytes=1 << 30)
+
+
+def _check_options_once(x, weight, corner, groups, unit_diagonal, image):
     for name, t in ((image, x), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -489,7 +607,7 @@ def conv2d(x: Tensor, weight: Tensor, *, corner: str = "top-left", groups: int =
     x : (B, C, H, W) -> (B, C, H, W); weight : (C, C // groups, kh, kw).
     """
     _check_options(x, weight, corner, groups, unit_diagonal)
-    return conv2d_op(x, weight, corner, groups, bool(unit_diagonal))
+    return _call(conv2d_op, x, weight, corner, groups, bool(unit_diagonal))
 
 
 def inv_conv2d(y: Tensor, weight: Tensor, *, corner: str = "top-left", groups: int = 1,
@@ -499,7 +617,7 @@ def inv_conv2d(y: Tensor, weight: Tensor, *, corner: str = "top-left", groups: i
     y : (B, C, H, W) -> (B, C, H, W); weight : (C, C // groups, kh, kw).
     """
     _check_options(y, weight, corner, groups, unit_diagonal, image="y")
-    return inv_conv2d_op(y, weight, corner, groups, bool(unit_diagonal))
+    return _call(inv_conv2d_op, y, weight, corner, groups, bool(unit_diagonal))
 
 
 # --------------------------------------------------------------------------
