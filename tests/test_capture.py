@@ -212,3 +212,117 @@ def test_passes_trace_as_one_graph(name):
         x = torch.compile(model._decode_flat, backend="aot_eager", fullgraph=True)(*latents)
         torch.testing.assert_close(lp, model.log_prob(v))
         torch.testing.assert_close(x, model.decode(latents))
+
+
+# --------------------------------------------------------------------------
+# the captured training step
+
+
+class StepReplayer:
+    """Stand-in recorder for a training step: capturing runs nothing (as a
+    CUDA-graph capture runs nothing); a replay runs the step into the static
+    outputs."""
+
+    def __init__(self):
+        self.captured = 0
+
+    @staticmethod
+    def available(args):
+        return True
+
+    def capture(self, fn, static_inputs):
+        self.captured += 1
+        outputs = (torch.zeros(()), torch.zeros(()))
+
+        def replay():
+            for o, f in zip(outputs, fn(*static_inputs)):
+                o.copy_(f)
+        return replay, outputs
+
+
+def _training(seed=0):
+    torch.manual_seed(seed)
+    model = flows.build("inverse-flow", (1, 8, 8), steps=1, hidden=8, logit=0.05)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    batches = [flows.dequantize(torch.randint(0, 256, (n, 1, 8, 8)),
+                                torch.Generator().manual_seed(seed + i))
+               for i, n in enumerate([6, 6, 6, 6, 4, 4, 6, 6])]
+    return model, optimizer, scheduler, batches
+
+
+def _loss(model):
+    return lambda v: -model.log_prob(v).mean()
+
+
+def test_captured_step_equals_the_eager_loop():
+    # The CLI's eager loop, step by step ...
+    model, optimizer, scheduler, batches = _training()
+    eager = []
+    for i, v in enumerate(batches):
+        loss = _loss(model)(v)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        eager.append((loss.detach(), norm))
+        if i == 5:
+            scheduler.step()
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    # ... and the captured step with a stand-in recorder: 2 eager warm-up
+    # steps, a capture at step 3, captures again for the new batch size
+    # (step 5) and for the size and learning rate changing back (step 7),
+    # replays in between.
+    model, optimizer, scheduler, batches = _training()
+    recorder = StepReplayer()
+    step = capture.CapturedStep(_loss(model), model.parameters(), optimizer, 5.0, warmup=2,
+                                _recorder=recorder)
+    for i, v in enumerate(batches):
+        loss, norm = step(v)
+        torch.testing.assert_close(loss, eager[i][0], rtol=0, atol=0)
+        torch.testing.assert_close(norm, eager[i][1], rtol=0, atol=0)
+        if i == 5:
+            scheduler.step()
+    assert step.steps == 8 and step.captures == recorder.captured == 3
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=0)
+
+
+def test_captured_step_off_cuda_is_eager():
+    model, optimizer, _, batches = _training()
+    step = capture.CapturedStep(_loss(model), model.parameters(), optimizer, 5.0)
+    for v in batches[:5]:
+        loss, norm = step(v)
+        assert loss.shape == () and torch.isfinite(norm)
+    assert step.captures == 0 and step.steps == 5
+
+
+def test_captured_step_arguments_are_checked():
+    model, optimizer, _, batches = _training()
+    with pytest.raises(ValueError, match="warmup"):
+        capture.CapturedStep(_loss(model), model.parameters(), optimizer, 5.0, warmup=0)
+    with pytest.raises(ValueError, match="method"):
+        capture.CapturedStep(_loss(model), model.parameters(), optimizer, 5.0, method="compile")
+    with pytest.raises(TypeError, match="batch must be a torch.Tensor"):
+        capture.CapturedStep(_loss(model), model.parameters(), optimizer, 5.0)(batches[0].numpy())
+
+
+@pytest.mark.gpu
+def test_captured_step_on_cuda_equals_eager():
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    results = []
+    for captured in (False, True):
+        model, _, _, batches = _training()
+        model = model.cuda()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+        step = capture.CapturedStep(_loss(model), model.parameters(), optimizer, 5.0,
+                                    method="graph" if captured else "eager")
+        losses = [step(v.cuda())[0] for v in batches]
+        results.append((torch.stack(losses), [p.detach().clone() for p in model.parameters()]))
+        assert step.captures == (3 if captured else 0)   # at steps 4 (size 6), 5 (4), 7 (6)
+    (eager_losses, eager_params), (losses, params) = results
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for p, e in zip(params, eager_params):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)

@@ -304,3 +304,27 @@ def test_classify_batch_larger_than_the_data_is_a_one_line_error(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == cli.EXIT_USAGE and len(err) == 1
     assert "--batch-size 100 is larger than the 50" in err[0]
+
+
+def test_captured_training_off_cuda_is_eager_with_a_note(tiny_run, tmp_path, capsys):
+    out, _ = tiny_run
+    cli.main(["train", *TINY, "--epochs", "1", "--max-steps", "3", "--captured",
+              "--out", str(tmp_path / "run")])
+    assert "note: --captured needs one process on a CUDA device" in capsys.readouterr().err
+    same_parameters(out / "checkpoint.pt", tmp_path / "run" / "checkpoint.pt")
+
+
+@pytest.mark.gpu
+def test_captured_training_on_cuda_matches_eager(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    for name, extra in (("eager", []), ("captured", ["--captured"])):
+        cli.main(["train", *TINY, "--device", "cuda", "--epochs", "2", *extra,
+                  "--out", str(tmp_path / name)])
+    eager, captured = params(tmp_path / "eager" / "checkpoint.pt"), params(
+        tmp_path / "captured" / "checkpoint.pt")
+    for k in eager:
+        torch.testing.assert_close(captured[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+    # a captured run resumes eagerly on the CPU (Adam's capturable state moves back)
+    cli.main(["train", *TINY, "--device", "cpu", "--epochs", "3", "--resume",
+              "--out", str(tmp_path / "captured")])

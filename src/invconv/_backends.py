@@ -119,11 +119,19 @@ def default_for(kind: str) -> str:
     return next(s.name for s in REGISTRY if s.kind == kind and s.default)
 
 
+_LOADED: dict = {}
+
+
 def load(name: str):
-    """Import and return the module of backend ``name``."""
+    """Import and return the module of backend ``name`` (looked up once: this
+    is on every call's path)."""
+    loaded = _LOADED.get(name)
+    if loaded is not None:
+        return loaded
     module = _BY_NAME[name].module
     try:
-        return importlib.import_module(module)
+        loaded = _LOADED[name] = importlib.import_module(module)
+        return loaded
     except ModuleNotFoundError as exc:
         if exc.name != module:
             raise

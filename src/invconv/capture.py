@@ -38,7 +38,7 @@ import warnings
 
 import torch
 
-__all__ = ["CapturedCall", "METHODS", "resolve_method"]
+__all__ = ["CapturedCall", "CapturedStep", "METHODS", "resolve_method"]
 
 METHODS = ("graph", "compile", "eager")
 
@@ -200,3 +200,89 @@ class CapturedCall:
         """Drop every capture (their memory pools go with them)."""
         self._entries.clear()
         self._compiled = None
+
+
+class CapturedStep:
+    """One training step -- forward, backward, gradient clipping and the
+    optimiser step -- replayed as one CUDA graph.
+
+        step = CapturedStep(loss_fn, parameters, optimizer, clip=100.0)
+        loss, grad_norm = step(batch)        # detached scalar tensors
+
+    ``loss_fn(batch)`` returns the scalar loss; a step is
+    ``zero_grad(set_to_none=True)``, ``loss.backward()``,
+    ``clip_grad_norm_(parameters, clip)`` and ``optimizer.step()``, the same
+    operations an eager loop runs, so a replay gives the eager step's result.
+    The first ``warmup`` steps run eagerly (on a side stream on CUDA: lazy
+    initialisation, data-dependent initialisation such as ActNorm's, and
+    the optimiser's state happen outside the graph); the next is captured
+    (capturing runs nothing) and replayed, and every later step copies its
+    batch into the static buffer and replays.  A new batch shape, dtype or
+    device, or a changed learning rate (a scheduler's step: a float learning
+    rate is baked into the captured kernels), captures again.
+
+    Requirements: the optimiser must be capturable (``capturable=True`` for
+    Adam) and ``loss_fn`` must not synchronise with the host.  The step is
+    taken whatever the loss: a caller that stops on a non-finite loss must
+    not keep the model it returns (the CLI keeps its last good checkpoint).
+    Off CUDA, or with ``method="eager"``, every step runs eagerly.
+    """
+
+    def __init__(self, loss_fn, parameters, optimizer, clip, *, warmup=3, method="graph",
+                 _recorder=None):
+        if method not in ("graph", "eager"):
+            raise ValueError(f"method must be 'graph' or 'eager', got {method!r}")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (an eager step initialises the state), "
+                             f"got {warmup}")
+        self.loss_fn, self.optimizer, self.clip = loss_fn, optimizer, float(clip)
+        self.parameters = [p for p in parameters]
+        self.method, self.warmup = method, int(warmup)
+        self._recorder = _recorder or _GraphRecorder(warmup=0)
+        self._entry = None          # (key, static batch, replay, static outputs)
+        self.steps = 0              # steps taken, eager or replayed
+        self.captures = 0           # how many times the step was captured
+
+    def _step(self, batch):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(batch)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.clip)
+        self.optimizer.step()
+        return loss.detach(), grad_norm.detach()
+
+    def _eager(self, batch):
+        if not batch.is_cuda:
+            return self._step(batch)
+        current = torch.cuda.current_stream(batch.device)
+        side = torch.cuda.Stream(batch.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            out = self._step(batch)
+        current.wait_stream(side)
+        return out
+
+    def key(self, batch):
+        return _tensor_signature(batch), tuple(g["lr"] for g in self.optimizer.param_groups)
+
+    def __call__(self, batch):
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
+        self.steps += 1
+        if (self.method == "eager" or not self._recorder.available((batch,))
+                or self.steps <= self.warmup):
+            return self._eager(batch)
+        key = self.key(batch)
+        if self._entry is None or self._entry[0] != key:
+            self._entry = None          # the old graph and its pool go first
+            static = batch.detach().clone()
+            # Gradients are allocated inside the capture (from its pool) and
+            # written, not accumulated, by every replay.
+            self.optimizer.zero_grad(set_to_none=True)
+            replay, outputs = self._recorder.capture(self._step, (static,))
+            self._entry = (key, static, replay, outputs)
+            self.captures += 1
+        _, static, replay, outputs = self._entry
+        static.copy_(batch)
+        replay()
+        return tuple(o.clone() for o in outputs)

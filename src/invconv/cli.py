@@ -482,7 +482,12 @@ def _train(args, path, device, stop_request):
                 + "; this command gives " + ", ".join(f"{flag} {new}" for flag, _, new in differing)
                 + " (leave those options out to continue the run, or use --overwrite)")
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=run["lr"])
+    captured = bool(args.captured) and device.type == "cuda" and not dist.active
+    if args.captured and not captured and main:
+        print(f"note: --captured needs one process on a CUDA device; training eagerly on "
+              f"{device}{' with ' + str(dist.world) + ' processes' if dist.active else ''}",
+              file=sys.stderr, flush=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=run["lr"], capturable=captured)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=run["lr_decay_epochs"],
                                                 gamma=0.1)
     noise = torch.Generator().manual_seed(run["seed"] * 1000 + dist.rank)
@@ -496,6 +501,7 @@ def _train(args, path, device, stop_request):
     if ckpt is not None:
         _load_weights(model, ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
+        _set_capturable(optimizer, captured)   # the checkpoint's run may have differed
         scheduler.load_state_dict(ckpt["scheduler"])
         if len(ckpt["noise_state"]) != dist.world:
             raise UsageError(f"--resume: the run in {args.out} used {len(ckpt['noise_state'])} "
@@ -519,6 +525,10 @@ def _train(args, path, device, stop_request):
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     fault_at = int(os.environ.get("INVCONV_FAULT_AT_STEP", "0"))  # testing aid: simulate a crash
+    if captured:
+        from .capture import CapturedStep
+        captured_step = CapturedStep(lambda v: _bpd_from_log_prob(net(v), dims).mean(),
+                                     model.parameters(), optimizer, run["clip"])
 
     def checkpoint():
         noise_states = [noise.get_state()]
@@ -566,7 +576,12 @@ def _train(args, path, device, stop_request):
                 raise SystemExit(EXIT_INTERRUPTED)
             idx = order[step * run["batch_size"]:(step + 1) * run["batch_size"]]
             v = flows.dequantize(train_x[idx], generator=noise).to(device)
-            loss = _bpd_from_log_prob(net(v), dims).mean()
+            if captured:
+                # the step is taken whatever the loss; on a non-finite one the
+                # model is dropped below and the last good checkpoint kept
+                loss, grad_norm = captured_step(v)
+            else:
+                loss = _bpd_from_log_prob(net(v), dims).mean()
             if not torch.isfinite(loss):
                 progress.close()
                 print(f"error: non-finite loss ({loss.item()}) at epoch {epoch + 1} step "
@@ -574,10 +589,11 @@ def _train(args, path, device, stop_request):
                       f"{path}", file=sys.stderr)
                 dist.close()
                 raise SystemExit(EXIT_DIVERGED)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run["clip"])
-            optimizer.step()
+            if not captured:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run["clip"])
+                optimizer.step()
             state["global_step"] += 1
             state["step_in_epoch"] = step + 1
             seen += len(idx) * dist.world
@@ -623,6 +639,20 @@ def _train(args, path, device, stop_request):
     if main and state["history"]:
         print(f"final test bits/dim {state['history'][-1]['test_bpd']:.4f}; run directory "
               f"{os.path.abspath(args.out)}")
+
+
+def _set_capturable(optimizer, capturable):
+    """Adam's ``capturable`` for this run, whatever the loaded checkpoint's run
+    used, with each step counter where that mode keeps it (on the parameter's
+    device when capturable, on the CPU otherwise)."""
+    import torch
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                state["step"] = (state["step"].to(device=p.device, dtype=torch.float32)
+                                 if capturable else state["step"].cpu())
 
 
 # --------------------------------------------------------------------------
@@ -917,6 +947,10 @@ def _parser():
                                          "(0: only at epoch ends)")
     t.add_argument("--max-steps", type=POSITIVE, default=None,
                    help="stop after this many optimizer steps in all (default: no limit)")
+    t.add_argument("--captured", action="store_true",
+                   help="run each training step (forward, backward, clipping, Adam) as one "
+                        "CUDA-graph replay after 3 eager steps; CUDA and one process only, "
+                        "eager elsewhere (default: off)")
     t.add_argument("--limit-train", type=POSITIVE, default=None, metavar="N",
                    help="* use the first N training images (default: all)")
     t.add_argument("--limit-test", type=POSITIVE, default=None, metavar="N",

@@ -568,6 +568,8 @@ def _check_options(x, weight, corner, groups, unit_diagonal, image="x"):
     A signature seen before (the tensors' types, devices, dtypes and shapes,
     the options with their types) passes without the checks again.
     """
+    if torch.compiler.is_compiling():   # traced once; dynamo cannot enter the cache's lock
+        return _check_options_once(x, weight, corner, groups, unit_diagonal, image)
     try:
         signature = (type(x), type(weight), x.device, weight.device, x.dtype, weight.dtype,
                      x.shape, weight.shape, type(corner), corner, type(groups), groups,
