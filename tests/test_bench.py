@@ -69,7 +69,8 @@ def test_ratio_to_cudnn_pairs_each_solve_with_its_convolution():
 
 def test_schedule_tables_put_each_schedule_beside_the_ops_it_changes():
     from invconv.benchmarks import schedule_family, schedule_markdown
-    assert schedule_family("smem:4") == "conv" and schedule_family("tiled:8x8") == "solve"
+    assert schedule_family("smem:4") == "conv" and schedule_family("lanes:2") == "solve"
+    assert schedule_family("direct") == "conv" and schedule_family("diagonal") == "solve"
     shape = [100, 48, 8, 8]
     rows = [dict(op=op, implementation=impl, median_ms=ms, shape=shape, us_per_step=ms * 1e3 / 15)
             for op, impl, ms in [("inv", "invconv-cuda-graph", 0.4),
