@@ -244,3 +244,62 @@ def test_paper_tables_from_a_trained_run(tmp_path):
     t = row["timing"]["eager"]
     assert 0 < t["sampling_100"]["min_ms"] <= t["sampling_100"]["median_ms"]
     assert "| Table 4 | snf-small |" in md.read_text()
+
+
+def _device_check_dry_run(tmp_path, **env):
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh"), str(out)],
+                          env=dict(os.environ, INVCONV_CHECK_DRY_RUN="1", **env),
+                          capture_output=True, text=True, timeout=120)
+    return proc, out
+
+
+def test_device_check_runs_correctness_at_once_then_timings_alone(tmp_path):
+    # The script's structure, with each command recorded instead of run.
+    from invconv._kernels import parse_schedule
+    proc, out = _device_check_dry_run(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    commands = [line.split("\t") for line in (out / "dry_run.txt").read_text().splitlines()]
+    phases = [phase for phase, _, _ in commands]
+    # every correctness job is started before the first timing, and (the
+    # script waits for them) recorded before it
+    assert phases == sorted(phases, key=["correctness", "timings"].index)
+    by_name = {name: command for _, name, command in commands}
+    assert "-m gpu" in by_name["gpu_tests"] and "tests/test_gpu.py" in by_name["gpu_tests"]
+    for tool in ("memcheck", "racecheck"):
+        assert by_name[tool].startswith(f"compute-sanitizer --tool {tool}")
+        assert by_name[tool].endswith("bench/sanitize_ops.py")
+    timings = [name for phase, name, _ in commands if phase == "timings"]
+    assert timings[:2] == ["bench_ops", "bench_models"] and timings[-1] == "host_profile"
+    if (ROOT / "bench" / "overhead.py").exists():
+        assert "--device cuda" in by_name["call_cost"]
+    ops = by_name["bench_ops"]
+    assert "--device-check" in ops and f"--out {out}/ops.json" in ops
+    # every schedule named is one the kernels still have
+    named = ops.split("--schedules ")[1].split()[0].split(",")
+    named += [c.split("_SCHEDULE=")[1].split()[0] for c in by_name.values() if "_SCHEDULE=" in c]
+    assert {"diagonal", "lanes", "diagonal:2", "direct", "smem:4"} <= set(named)
+    for schedule in named:
+        parse_schedule(schedule)
+    for name in by_name:
+        if "[" in name:
+            assert name.split("[")[1].rstrip("]") in named
+    # the JSON of the steps, and the table of steps printed last
+    steps = json.loads((out / "steps.json").read_text())["steps"]
+    assert [s["step"] for s in steps if s["phase"] == "timings"] == timings
+    assert {s["result"] for s in steps} == {"PASS"}
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("| all | whole call |")
+    assert (out / "summary.md").read_text().rstrip().endswith(
+        proc.stdout.rstrip().splitlines()[-1])
+    assert "-n 6" in (ROOT / "bench" / "device_check.sh").read_text()   # xdist, where installed
+
+
+def test_device_check_holds_its_time_budget(tmp_path):
+    # With no time left every step is recorded as skipped, the summary is
+    # still written, and the call fails.
+    proc, out = _device_check_dry_run(tmp_path, INVCONV_CHECK_BUDGET_S="10")
+    assert proc.returncode != 0
+    steps = json.loads((out / "steps.json").read_text())["steps"]
+    assert steps and {s["result"] for s in steps} == {"SKIPPED (no time left)"}
+    assert not (out / "dry_run.txt").exists()
+    assert "| all | whole call | 0 of" in (out / "summary.md").read_text()
