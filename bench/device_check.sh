@@ -10,10 +10,10 @@
 # Phase 1, correctness, its jobs running at once (each its own log): the GPU
 # tests (-m gpu, with xdist where installed), compute-sanitizer memcheck and
 # racecheck on bench/sanitize_ops.py under the default schedules, and a
-# subset of the GPU tests plus memcheck (and racecheck for the convolutions,
-# which stage weights in shared memory) under each schedule the defaults do
-# not pick (INVCONV_CHECK_SCHEDULES, INVCONV_CHECK_CONV_SCHEDULES override
-# the lists; comma-separated, empty for none). Phase 2, timings, one at a
+# subset of the GPU tests plus memcheck and racecheck under each schedule
+# the defaults do not pick, each schedule a job of its own
+# (INVCONV_CHECK_SCHEDULES, INVCONV_CHECK_CONV_SCHEDULES override the lists;
+# comma-separated, empty for none). Phase 2, timings, one at a
 # time with the GPU to themselves: the op bench with its fair rows
 # (graph replays against cuDNN's graph replays, every schedule beside the
 # default), the model bench, the call-cost bench (bench/overhead.py, where
@@ -22,7 +22,7 @@
 # Time: an estimate, not yet a measurement of this version (its parts were
 # timed separately on an H200 on 2026-11-28: GPU tests 44 s serially,
 # memcheck 3 s, racecheck 6 s, op bench 33 s at 7 shapes without schedules):
-# phase 1 about 2 minutes, phase 2 about 4 (the op bench at 12 shapes and 7
+# phase 1 about 2 minutes, phase 2 about 4 (the op bench at 12 shapes and 10
 # schedules most of it). Limits make it hold whatever the estimate's error:
 # the whole call gets INVCONV_CHECK_BUDGET_S (default 470 s, under 8
 # minutes), phase 1 at most INVCONV_CHECK_CORRECTNESS_S (180 s) of it; each
@@ -32,8 +32,8 @@
 # Writes to RESULTS_DIR: summary.md (machine, the timing tables, then the
 # table of steps with their results and times, which is also printed last),
 # steps.json (the same steps), ops.json, models.json, overhead.json (the
-# timings), logs (gpu_tests.log, sanitizer.log, schedules_solve.log,
-# schedules_conv.log, bench.log), environment.txt and tables/ (what
+# timings), logs (gpu_tests.log, sanitizer.log, schedules_NAME.log per
+# schedule, bench.log), environment.txt and tables/ (what
 # summary.md is built from). INVCONV_CHECK_DRY_RUN=1 records each command in
 # dry_run.txt instead of running it (the tests check the script that way).
 set -u
@@ -90,8 +90,9 @@ step() {
 }
 
 # The schedules the defaults do not pick (see src/invconv/_kernels.py): the
-# solves' default "auto" picks among diagonal, lanes and diagonal:2 by shape.
-schedules=${INVCONV_CHECK_SCHEDULES-diagonal,lanes,diagonal:2,lanes:2}
+# solves' default "auto" picks among diagonal, lanes and diagonal:2 by shape;
+# slices[:S] is new and untimed.
+schedules=${INVCONV_CHECK_SCHEDULES-diagonal,lanes,diagonal:2,lanes:2,slices:2,slices,slices:8}
 conv_schedules=${INVCONV_CHECK_CONV_SCHEDULES-direct,smem:2,smem:4}
 if python3 -c "import xdist" 2>/dev/null; then parallel=(-n 6); else parallel=(); fi
 pytest_gpu=(python3 -m pytest -q -m gpu -p no:cacheprovider)
@@ -110,24 +111,29 @@ if [ "$part" = check ]; then
     step correctness memcheck sanitizer.log 120 compute-sanitizer --tool memcheck "${sanitize[@]}"
     step correctness racecheck sanitizer.log 120 compute-sanitizer --tool racecheck "${sanitize[@]}"
   } &
-  {
-    for schedule in ${schedules//,/ }; do
-      step correctness "gpu_tests[$schedule]" schedules_solve.log 120 \
+  # One job per schedule, each with a log of its own (schedules_NAME.log).
+  for schedule in ${schedules//,/ }; do
+    log="schedules_${schedule//:/-}.log"
+    {
+      step correctness "gpu_tests[$schedule]" "$log" 120 \
         env INVCONV_SOLVE_SCHEDULE="$schedule" "${pytest_gpu[@]}" tests/test_gpu.py -k "$solve_subset"
-      step correctness "memcheck[$schedule]" schedules_solve.log 90 \
+      step correctness "memcheck[$schedule]" "$log" 90 \
         env INVCONV_SOLVE_SCHEDULE="$schedule" compute-sanitizer --tool memcheck "${sanitize[@]}"
-    done
-  } &
-  {
-    for schedule in ${conv_schedules//,/ }; do
-      step correctness "gpu_tests[$schedule]" schedules_conv.log 120 \
+      step correctness "racecheck[$schedule]" "$log" 90 \
+        env INVCONV_SOLVE_SCHEDULE="$schedule" compute-sanitizer --tool racecheck "${sanitize[@]}"
+    } &
+  done
+  for schedule in ${conv_schedules//,/ }; do
+    log="schedules_${schedule//:/-}.log"
+    {
+      step correctness "gpu_tests[$schedule]" "$log" 120 \
         env INVCONV_CONV_SCHEDULE="$schedule" "${pytest_gpu[@]}" tests/test_gpu.py -k "$conv_subset"
-      step correctness "memcheck[$schedule]" schedules_conv.log 90 \
+      step correctness "memcheck[$schedule]" "$log" 90 \
         env INVCONV_CONV_SCHEDULE="$schedule" compute-sanitizer --tool memcheck "${sanitize[@]}"
-      step correctness "racecheck[$schedule]" schedules_conv.log 90 \
+      step correctness "racecheck[$schedule]" "$log" 90 \
         env INVCONV_CONV_SCHEDULE="$schedule" compute-sanitizer --tool racecheck "${sanitize[@]}"
-    done
-  } &
+    } &
+  done
   wait
 
   # Phase 2: timings, one at a time, nothing else on the GPU. The op bench
@@ -136,8 +142,8 @@ if [ "$part" = check ]; then
   # minutes of compiling, are left to a run of their own).
   phase_end=$deadline
   all_schedules="$schedules${conv_schedules:+${schedules:+,}$conv_schedules}"
-  step timings bench_ops bench.log 170 python3 bench/bench_ops.py --device-check \
-    --row-budget-s 0.5 ${all_schedules:+--schedules "$all_schedules"} \
+  step timings bench_ops bench.log 200 python3 bench/bench_ops.py --device-check \
+    --row-budget-s 0.4 ${all_schedules:+--schedules "$all_schedules"} \
     --out "$out/ops.json" --markdown "$tables/ops.md"
   step timings bench_models bench.log 90 python3 bench/bench_models.py --methods eager graph \
     --out "$out/models.json" --markdown "$tables/models.md"

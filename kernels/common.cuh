@@ -54,6 +54,7 @@ struct IcParams {
     int nsplit;              // weight gradient: partial sums per weight entry
     int lanes;               // solves: threads own fixed (channel, place) lanes
     int w_in_smem;           // convolutions, schedule smem: the slab's weights sit in shared memory
+    int slices;              // solves, schedule slices: (image, group) slices a block
 
     // Weight tap index (u, v) of offset (du, dv).
     __device__ __forceinline__ int tap_u(int du) const { return rs > 0 ? kh - 1 - du : du; }

@@ -47,6 +47,22 @@ def test_kernels_match_reference_under_any_launch_shape(limits, p):
         assert_close(a, e)
 
 
+@pytest.mark.parametrize("schedule", ["slices:2", "slices:8"])
+@pytest.mark.parametrize("limits", LIMITS.values(), ids=LIMITS.keys())
+@settings(max_examples=6)
+@given(p=problems(max_hw=9))
+def test_slices_schedule_under_any_launch_shape(limits, schedule, p):
+    # The off-by-default "slices" schedule (kernels/solve_slices.cu) under
+    # every launch shape: one thread owning every lane, blocks that divide
+    # nothing, the slices (or also the K' tables) in global memory.
+    _, w, x, g, opts = setup(p)
+    expected = _all_ops(x, g, w, opts, "reference")
+    with _emulated.launch_limits(**limits), _emulated._ops.using_schedule(schedule):
+        got = _all_ops(x, g, w, opts, "emulator")
+    for a, e in zip(got, expected):
+        assert_close(a, e)
+
+
 @pytest.mark.parametrize("schedule", ["smem:1", "direct"])
 @pytest.mark.parametrize("group_channels", range(1, 10))
 def test_convolutions_for_every_channels_per_thread(group_channels, schedule):
@@ -72,7 +88,7 @@ def test_convolutions_for_every_channels_per_thread(group_channels, schedule):
                 assert_close(a, e)
 
 
-@pytest.mark.parametrize("schedule", ["lanes:2", "diagonal:2"])
+@pytest.mark.parametrize("schedule", ["lanes:2", "diagonal:2", "slices:2"])
 @pytest.mark.parametrize("op", ["inv_conv2d", "inv_conv2d_vjp"])
 def test_nonfinite_reach_under_the_other_schedules(op, schedule):
     # tests/test_nonfinite.py holds the default schedule to the structure of
@@ -162,12 +178,14 @@ SCHEDULE_LIMITS = {
 
 
 @pytest.mark.parametrize("limits", SCHEDULE_LIMITS.values(), ids=SCHEDULE_LIMITS.keys())
-@pytest.mark.parametrize("schedule", ["diagonal", "lanes", "diagonal:2", "lanes:2"])
+@pytest.mark.parametrize("schedule", ["diagonal", "lanes", "diagonal:2", "lanes:2",
+                                      "slices:2", "slices", "slices:8"])
 @pytest.mark.parametrize("block_order", ["forward", "reverse"])
 def test_solve_schedules_match_reference(schedule, limits, block_order, monkeypatch):
-    # Every solve schedule (each a choice "auto" can make) computes the
-    # reference's result on awkward shapes, whatever order the blocks start
-    # in, and launches the kernels its channels a thread name.
+    # Every solve schedule (each a choice "auto" can make, and "slices")
+    # computes the reference's result on awkward shapes (for "slices", B * G
+    # slices that S does not divide, groups in one block), whatever order the
+    # blocks start in, and launches the kernels it names.
     if block_order == "reverse":
         monkeypatch.setenv("INVCONV_EMULATOR_BLOCK_ORDER", "reverse")
     rng = np.random.default_rng(len(schedule))
@@ -188,9 +206,12 @@ def test_solve_schedules_match_reference(schedule, limits, block_order, monkeypa
         for a, e in zip(got_vjp, want_vjp):
             assert_close(a, e)
         kinds.update(name.split("<")[0] for name in launched)
+        if schedule.startswith("slices"):
+            continue
         channels = invconv._kernels.SolveSchedule.parse(schedule).channels
         assert all(name.endswith(f", {channels}>") for name in launched if "_solve" in name)
-    assert {"inv_conv_solve", "inv_conv_solve_adjoint"} <= kinds
+    suffix = "_slices" if schedule.startswith("slices") else ""
+    assert {"inv_conv_solve" + suffix, "inv_conv_solve_adjoint" + suffix} <= kinds
 
 
 # Shapes where schedule "auto" picks each of its choices (default_solve_choice):
@@ -256,7 +277,10 @@ def test_schedule_option_is_checked():
     assert SolveSchedule.parse("") == SolveSchedule("auto") == SolveSchedule.parse(" auto ")
     assert SolveSchedule.parse("lanes:2") == SolveSchedule("lanes", channels=2)
     assert SolveSchedule.parse("diagonal") == SolveSchedule("diagonal", channels=1)
-    for bad in ("fast", "lanes:2x2", "diagonal:3", "auto:2", "smem", "lanes:0"):
+    assert SolveSchedule.parse("slices") == SolveSchedule("slices", slices=4)
+    assert SolveSchedule.parse("slices:8") == SolveSchedule("slices", slices=8)
+    for bad in ("fast", "lanes:2x2", "diagonal:3", "auto:2", "smem", "lanes:0", "slices:3",
+                "slices:1", "slices:x"):
         with pytest.raises(ValueError, match="INVCONV_SOLVE_SCHEDULE must be"):
             SolveSchedule.parse(bad)
     # Schedules removed by measurement say so.
@@ -364,7 +388,7 @@ def test_conv_schedule_matches_reference(schedule, limits, monkeypatch):
     assert set(staged) - {None} == ({0} if limits.get("smem_bytes") == 0 else {1})
 
 
-@pytest.mark.parametrize("schedule", ["auto", "lanes:2", "direct", "smem:4"])
+@pytest.mark.parametrize("schedule", ["auto", "lanes:2", "slices", "direct", "smem:4"])
 @pytest.mark.parametrize("op", ["conv2d", "inv_conv2d", "conv2d_vjp", "inv_conv2d_vjp"])
 def test_launch_count_does_not_grow_with_the_image(op, schedule):
     rng = np.random.default_rng(0)
@@ -410,7 +434,9 @@ for limits, schedule in (({}, "auto"), ({"smem_bytes": 0, "block": 33, "max_bloc
                          ({"block": 33, "max_block": 33}, "lanes"),
                          ({"block": 7, "max_block": 7, "max_grid": 2}, "smem:4"),
                          ({"block": 33, "max_block": 33, "smem_bytes": 0}, "smem:2"),
-                         ({"block": 33, "max_block": 33}, "direct")):
+                         ({"block": 33, "max_block": 33}, "direct"),
+                         ({"block": 33, "max_block": 33}, "slices:4"),
+                         ({"block": 7, "max_block": 7, "smem_bytes": 0}, "slices:2")):
     with _emulated.launch_limits(**limits), _emulated._ops.using_schedule(schedule):
         for corner, groups in (("top-left", 1), ("bottom-right", 3)):
             w = rng.uniform(-0.05, 0.05, (3, 3 // groups, 3, 2))

@@ -20,8 +20,12 @@ The solves have schedules (:class:`SolveSchedule`): ``diagonal``, one block
 per (image, group) walking its anti-diagonals; ``lanes``, the same with each
 thread on fixed (channel, place) lanes instead of a division per element;
 either with 1 or 2 channels a thread (``diagonal:2``: register tiling, each
-value read from the slice feeding two sums). The default, ``auto``, picks one
-per solve by the rule of :func:`default_solve_choice`, set from the H200
+value read from the slice feeding two sums); ``slices``, several (image,
+group) slices a block walking their diagonals together, each thread on fixed
+(slice, channel, place) lanes (``slices:S``, S in 2, 4 or 8; for small
+slices at large batch; off by default until a GPU times it). The default,
+``auto``, picks one per solve by the rule of :func:`default_solve_choice`,
+set from the H200
 graph-replay measurements of 2026-12-04 (``bench/README.md``, "Schedules
 chosen by measurement"). Another is chosen on request:
 ``INVCONV_SOLVE_SCHEDULE`` (read when a backend starts, e.g. ``lanes`` or
@@ -63,6 +67,8 @@ KERNELS = {
                    "inv_conv_solve"),
     "backward.cu": ("masked_conv_adjoint", "inv_conv_solve_adjoint",
                     "conv_weight_grad_partial", "conv_weight_grad_combine"),
+    # The solves' "slices" schedule (off by default), compiled on first use.
+    "solve_slices.cu": ("inv_conv_solve_slices", "inv_conv_solve_adjoint_slices"),
     # The convolutions' "smem" schedule (the default), compiled on first use.
     "conv_smem.cu": ("masked_conv_forward_smem", "masked_conv_adjoint_smem"),
 }
@@ -99,7 +105,7 @@ def conv_channels_per_thread(group_channels: int) -> int:
 
 # The members of IcParams (kernels/common.cuh), in order; all int32.
 PARAM_FIELDS = ("B", "C", "H", "W", "G", "cg", "kh", "kw", "rs", "cs", "unit",
-                "kp_in_smem", "slice_in_smem", "nsplit", "lanes", "w_in_smem")
+                "kp_in_smem", "slice_in_smem", "nsplit", "lanes", "w_in_smem", "slices")
 PARAMS_DTYPE = np.dtype([(name, np.int32) for name in PARAM_FIELDS])
 
 
@@ -120,7 +126,11 @@ def kernel_params(shape, conv: Conv, **choices) -> np.ndarray:
     return params
 
 
-SCHEDULES = ("auto", "diagonal", "lanes")
+SCHEDULES = ("auto", "diagonal", "lanes", "slices")
+# (image, group) slices a block of schedule slices (slices:S); 4 when none
+# are named.
+SLICES_PER_BLOCK = (2, 4, 8)
+DEFAULT_SLICES = 4
 # Schedules removed by measurement: what naming one says.
 REMOVED_SCHEDULES = {
     "tiled": "the tiled schedule was removed: it took 1.14-1.98x the time of diagonal at "
@@ -165,6 +175,7 @@ class SolveSchedule:
 
     kind: str = "auto"
     channels: int = 1          # per thread; schedule auto picks its own
+    slices: int = 1            # a block; schedule slices only
 
     def choice(self, adjoint: bool, group_channels: int, H: int, W: int):
         """``(lanes, channels a thread)`` for one solve."""
@@ -176,14 +187,25 @@ class SolveSchedule:
     def parse(cls, text: str) -> "SolveSchedule":
         """``"auto"`` (the default, also for ``""``), or ``"diagonal"`` or
         ``"lanes"``, optionally with channels per thread (``"lanes:2"``; 1
-        or 2)."""
+        or 2), or ``"slices"``, optionally with slices a block
+        (``"slices:8"``; 2, 4 or 8)."""
         kind, _, arg = (text or "auto").strip().partition(":")
-        usage = (f"INVCONV_SOLVE_SCHEDULE must be auto, or diagonal[:N] or lanes[:N] with N "
-                 f"in {', '.join(map(str, SOLVE_CHANNELS))} channels a thread; got {text!r}")
+        usage = (f"INVCONV_SOLVE_SCHEDULE must be auto, diagonal[:N] or lanes[:N] with N "
+                 f"in {', '.join(map(str, SOLVE_CHANNELS))} channels a thread, or "
+                 f"slices[:S] with S in {', '.join(map(str, SLICES_PER_BLOCK))} slices a "
+                 f"block; got {text!r}")
         if kind in REMOVED_SCHEDULES:
             raise ValueError(f"{usage}: {REMOVED_SCHEDULES[kind]}")
         if kind not in SCHEDULES or (kind == "auto" and arg):
             raise ValueError(usage)
+        if kind == "slices":
+            try:
+                slices = int(arg) if arg else DEFAULT_SLICES
+            except ValueError:
+                raise ValueError(usage) from None
+            if slices not in SLICES_PER_BLOCK:
+                raise ValueError(usage)
+            return cls(kind, slices=slices)
         if not arg:
             return cls(kind)
         try:
@@ -431,6 +453,8 @@ class KernelOps:
         used = kp_bytes if kp_in_smem else 0
         slice_in_smem = used + slice_bytes <= lim.smem_bytes
         shared = used + (slice_bytes if slice_in_smem else 0)
+        if self.schedule.kind == "slices":
+            return self._slices(kernel + "_slices", rhs, prep, out, conv)
         lanes, per_thread = self.schedule.choice("adjoint" in kernel, cg, H, W)
         fn, max_threads = self._function(source, kernel, rhs.dtype, per_thread)
         if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
@@ -440,6 +464,29 @@ class KernelOps:
         params = kernel_params(rhs.shape, conv, kp_in_smem=int(kp_in_smem),
                                slice_in_smem=int(slice_in_smem), lanes=int(lanes))
         fn((B * conv.groups,), (block,), (rhs, prep, out, params), shared_mem=shared)
+        return out
+
+    def _slices(self, kernel, rhs, prep, out, conv):
+        """The solves' "slices" schedule (kernels/solve_slices.cu): S slices
+        a block, one thread per (slice, channel, place) of a diagonal."""
+        B, C, H, W = rhs.shape
+        cg, item, lim = conv.group_channels, rhs.dtype.itemsize, self.limits
+        per_block = min(self.schedule.slices, B * conv.groups)
+        kp_bytes = prep.size * item            # the K' tables of all groups
+        slices_bytes = per_block * cg * H * W * item
+        kp_in_smem = kp_bytes <= lim.smem_bytes
+        used = kp_bytes if kp_in_smem else 0
+        slice_in_smem = used + slices_bytes <= lim.smem_bytes
+        shared = used + (slices_bytes if slice_in_smem else 0)
+        fn, max_threads = self._function("solve_slices.cu", kernel, rhs.dtype)
+        if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
+            fn.max_dynamic_shared_size_bytes = shared
+        lanes = per_block * cg * min(H, W)
+        block = self._block(max_threads, min(lim.max_block, max(32, -(-lanes // 32) * 32)))
+        params = kernel_params(rhs.shape, conv, kp_in_smem=int(kp_in_smem),
+                               slice_in_smem=int(slice_in_smem), slices=per_block)
+        fn((-(-B * conv.groups // per_block),), (block,), (rhs, prep, out, params),
+           shared_mem=shared)
         return out
 
     def solve(self, y, weight, conv):
