@@ -12,9 +12,10 @@ without Python's per-launch cost), and the peak device memory an eager call
 allocates is recorded. Inputs rotate among three
 sets so repeated runs do not time a warm cache. cuDNN's conv2d of the same
 shape (forward for the inverse, forward and backward for the vjp) is timed
-too: the table gives invconv's time per diagonal step beside its ratio to
-cuDNN, issue 12's two measures. ``--schedules lanes,tiled`` adds graph replays
-of the inverse under solve schedules that are off by default.
+too, eagerly and as a CUDA-graph replay: the table gives invconv's graph
+replay per diagonal step beside its ratio to cuDNN's graph replay (GPU time
+over GPU time), issue 12's two measures. ``--schedules diagonal,lanes`` adds
+graph replays of the inverse under other solve schedules than the default.
 
 On a GPU, every CuPy allocation of the ops goes through PyTorch's caching
 allocator (as in invconv.torch), so ``torch.cuda.max_memory_allocated`` sees
@@ -34,8 +35,9 @@ from datetime import datetime, timezone
 import numpy as np
 
 import invconv
-from invconv.benchmarks import (CUDNN_COUNTERPART, CudaGraphReplay, GpuTimer,
-                                _torch_alternatives, cpu_timer, with_schedule)
+from invconv.benchmarks import (CUDNN_COUNTERPART, CUDNN_EAGER, CUDNN_GRAPH, CudaGraphReplay,
+                                GpuTimer, GraphReplay, _torch_alternatives, cpu_timer,
+                                with_schedule)
 
 # (name, parameter values, function of the value -> (B, C, H, W, k))
 GPU_SWEEPS = [
@@ -92,13 +94,13 @@ def _gpu_runner(schedules=()):
         B, C, H, W = gsets[0][0].shape
         for name, _, fn, inputs, _ in _torch_alternatives(
                 CUDNN_COUNTERPART[op], (B, C, H, W), w.shape[-1], w, gsets, "cuda", 0):
-            if name == "cudnn-conv2d":
+            if name in (CUDNN_EAGER, CUDNN_GRAPH):
                 yield name, fn, inputs
 
     timer = GpuTimer()
 
     def measure(fn, inputs, repeats, budget_s):
-        if isinstance(fn, CudaGraphReplay):  # timing only: the graph's memory is its own pool
+        if isinstance(fn, GraphReplay):  # timing only: the graph's memory is its own pool
             return timer(fn, inputs, warmup=2, repeats=repeats, budget_s=budget_s), None
         # Inside the context CuPy allocates from torch's caching allocator and
         # launches on torch's current stream (the timer's events go there too),
@@ -172,14 +174,14 @@ def run(quick, gpu, dtype=np.float32, schedules=()):
 def markdown(rows, env):
     """One line per sweep point and op: each implementation's median ms, each
     other implementation's time over invconv's timed the same way (eager or
-    graph replay; cuDNN over invconv's graph replay), invconv's graph replay
-    per diagonal step and over cuDNN, and the peak memory of the eager calls."""
+    graph replay), invconv's graph replay per diagonal step and over cuDNN's
+    graph replay (eager over eager where there is no graph row), and the peak
+    memory of the eager calls."""
     impls = list(dict.fromkeys(r["implementation"] for r in rows))
     first = impls[0]
 
     def base(impl):  # the invconv row timed the same way as impl
-        twin = (first + "-graph" if impl.endswith("-graph") or impl == "cudnn-conv2d"
-                else first)
+        twin = first + "-graph" if impl.endswith("-graph") else first
         return twin if twin in impls and twin != impl else None
     compared = [i for i in impls if base(i)]
     measured_peak = [i for i in impls
@@ -187,7 +189,10 @@ def markdown(rows, env):
                             for r in rows if r["implementation"] == i)]
     cell = {(r["sweep"], r["value"], r["op"], r["implementation"]): r for r in rows}
     stepped = first + "-graph" if first + "-graph" in impls else first
-    cudnn = "cudnn-conv2d" if "cudnn-conv2d" in impls else None
+    # Like with like: a graph replay over cuDNN's graph replay (GPU time on
+    # both sides), an eager call over cuDNN's eager call.
+    cudnn = CUDNN_GRAPH if stepped.endswith("-graph") else CUDNN_EAGER
+    cudnn = cudnn if cudnn in impls else None
     head = (["sweep", "value", "B,C,H,W", "k", "op"] + [f"{i} ms" for i in impls]
             + [f"{i} / {base(i)}" for i in compared]
             + [f"{stepped} us / step"] + ([f"{stepped} / cuDNN"] if cudnn else [])

@@ -4,9 +4,15 @@
     compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
 
 Covers float32 and float64, all four corners, groups 1 and C, unit and
-stored diagonals, the shared-memory path of the solves and (1x1x256x256
-float32: a 256 KiB slice) their global-memory path.
+stored diagonals, the shared-memory path of the solves and (1x1x256x256 and
+1x3x160x160 float32: 256 and 300 KiB slices) their global-memory path, and
+every choice of the default solve schedule "auto" (see default_solve_choice
+in src/invconv/_kernels.py): 2 channels a thread for the forward solve
+(C_g = 3 at 160x160, C_g = 12 at 8x8), lanes (C_g = 12 adjoint, C_g = 13),
+and 1 channel a thread on diagonals (the rest).
 """
+import itertools
+
 import cupy
 import numpy as np
 
@@ -15,7 +21,9 @@ from invconv._api import make_conv
 
 CASES = [  # (B, C, H, W, k, groups)
     (2, 4, 9, 7, 3, 1), (3, 6, 5, 8, 2, 3), (1, 1, 1, 1, 3, 1), (1, 1, 256, 256, 3, 1),
+    (2, 12, 8, 8, 3, 1), (1, 13, 6, 5, 2, 1), (1, 3, 160, 160, 3, 1),
 ]
+GLOBAL_PATH_PIXELS = 160 * 160   # float32 only from here: float64 would only be slower
 
 
 def make_weight(rng, C, groups, k, corner, unit, dtype):
@@ -34,8 +42,8 @@ def main():
     rng = np.random.default_rng(0)
     n = 0
     for dtype in (np.float32, np.float64):
-        for (B, C, H, W, k, groups), corner in zip(CASES * 2, invconv.CORNERS * 2):
-            if H == 256 and dtype == np.float64:
+        for (B, C, H, W, k, groups), corner in zip(CASES * 2, itertools.cycle(invconv.CORNERS)):
+            if H * W >= GLOBAL_PATH_PIXELS and dtype == np.float64:
                 continue
             unit = bool(n % 2)
             w = cupy.asarray(make_weight(rng, C, groups, k, corner, unit, dtype))

@@ -74,16 +74,6 @@ __global__ void inv_conv_solve_adjoint(const T* __restrict__ gx, const T* __rest
     }
 }
 
-// grad_y = M^-T grad_x with several blocks per slice (schedule "tiled"): see
-// ic_solve_tiled in common.cuh. ghat: scratch of grad_x's shape for the values
-// finished tiles pass on; flags: 1 + B*G*tiles_h*tiles_w zeros.
-template <typename T>
-__global__ void inv_conv_solve_adjoint_tiled(const T* __restrict__ gx,
-                                             const T* __restrict__ prep, T* gy, T* ghat,
-                                             int* flags, const IcParams p) {
-    ic_solve_tiled<T, true>(gx, prep, gy, ghat, flags, p);
-}
-
 // Weight gradient, stage 1 of 2: block (pair, split) with pair = o*cg + il
 // sums grad_out[b, o, h, w] * x[b, g*cg + il, h - rs*du, w - cs*dv] over its
 // share of the (b, h, w) range, for IC_WG_TAPS offsets at a time, and writes

@@ -13,13 +13,10 @@
 //  4. Inside a block only __syncthreads() synchronises, and every thread of
 //     the block reaches every __syncthreads() (barrier loops have
 //     block-uniform bounds). No warp shuffles, votes, __syncwarp, cooperative
-//     groups, spin-waits on other threads of the block, and nothing that
-//     depends on the warp size or on threads running in lockstep: the emulator
-//     runs a block's threads as fibers switched at barriers (or as OS threads
-//     under its ThreadSanitizer race check). Between blocks: one thread may
-//     wait (IC_SPIN_UNTIL) for a flag that a block holding an earlier ticket
-//     of an atomic counter sets, never for one that a later block sets; see
-//     the tiled solves below.
+//     groups, spin-waits, and nothing that depends on the warp size or on threads
+//     running in lockstep: the emulator runs a block's threads as fibers
+//     switched at barriers (or as OS threads under its ThreadSanitizer race
+//     check), and a grid's blocks one after another, in either order.
 //  5. Kernel arguments are pointers, one IcParams (below) and, where needed,
 //     a float of type T; sizes and offsets that can pass 2^31 are computed in
 //     long long.
@@ -53,12 +50,11 @@ struct IcParams {
     int rs, cs;              // corner signs
     int unit;                // unit diagonal
     int kp_in_smem;          // solves: the K' table sits in shared memory
-    int slice_in_smem;       // untiled solves: the slice is worked on in shared memory
+    int slice_in_smem;       // solves: the slice is worked on in shared memory
     int nsplit;              // weight gradient: partial sums per weight entry
-    int lanes;               // untiled solves: threads own fixed (channel, place) lanes
-    int tile_h, tile_w;      // tiled solves: tile size in pixels
-    int tiles_h, tiles_w;    // tiled solves: tiles per slice
+    int lanes;               // solves: threads own fixed (channel, place) lanes
     int w_in_smem;           // convolutions, schedule smem: the slab's weights sit in shared memory
+    int slices;              // solves, schedule slices: (image, group) slices a block
 
     // Weight tap index (u, v) of offset (du, dv).
     __device__ __forceinline__ int tap_u(int du) const { return rs > 0 ? kh - 1 - du : du; }
@@ -177,7 +173,7 @@ __device__ __forceinline__ long long ic_prep_slot(const IcParams& s, int g, int 
     return ((long long)g * s.kh * s.kw + off) * s.cg * s.cg;
 }
 
-// ---- The untiled solves: one block per (image, group) slice -----------------
+// ---- The solves: one block per (image, group) slice -------------------------
 
 // What both solve kernels start with: block (b, g) finds its slice, copies the
 // group's K' table into shared memory when kp_in_smem, and picks where the
@@ -250,184 +246,4 @@ __device__ __forceinline__ void ic_for_diagonal(const IcParams& p, const IcLanes
             body(e / npix, r, d - r);
         }
     }
-}
-
-// ---- The tiled solves: several blocks per slice ------------------------------
-//
-// The slice is cut into tiles of tile_h x tile_w pixels (at least kh-1 x kw-1,
-// so a tile reads only its up-left neighbours). Blocks take tiles through an
-// atomic ticket (flags[0]) in dependency order: tile anti-diagonal first, then
-// the tile, then the slice, so every tile a block waits for has a smaller
-// ticket and is held by a block that is running or done: no deadlock, whatever
-// order the GPU starts blocks in. A finished tile writes its values, fences,
-// and sets its ready flag (flags[1 + slice * tiles + tile]); a block waits for
-// the flags of the tiles it reads, fences, and reads their values with __ldcg
-// (from L2: its L1 may hold a stale line from before they were written).
-//
-// The solves walk coordinates (a, b) in which every pixel reads pixels up and
-// to the left, (a - du, b - dv): the padded-corner coordinates (r, c) for the
-// forward solve, (H-1-r, W-1-c) for the adjoint.
-//
-// Waiting on another block is the one spin-wait the kernels have (see rule 4).
-// The emulator runs blocks one after another, so there a flag is set already
-// or never will be, and its CUEMU_SPIN_UNTIL fails instead of hanging.
-#ifdef INVCONV_EMULATOR
-#define IC_SPIN_UNTIL(cond) CUEMU_SPIN_UNTIL(cond)
-#else
-#define IC_SPIN_UNTIL(cond) \
-    do {                    \
-        while (!(cond)) {   \
-        }                   \
-    } while (0)
-#endif
-
-__device__ __forceinline__ int ic_load_flag(const int* flag) {
-    return *reinterpret_cast<const volatile int*>(flag);
-}
-
-struct IcTile {
-    int slice;        // b * G + g
-    int ti, tj;       // tile row and column
-    int a0, b0;       // walk coordinates of its first pixel
-    int rows, cols;   // its size (the last row and column of tiles may be smaller)
-};
-
-__device__ __forceinline__ IcTile ic_tile_of_ticket(const IcParams& p, long long ticket) {
-    const long long slices = (long long)p.B * p.G;
-    IcTile t;
-    for (int D = 0;; ++D) {  // tile anti-diagonals: there are tiles_h + tiles_w - 1
-        const int first = D - (p.tiles_w - 1) > 0 ? D - (p.tiles_w - 1) : 0;
-        const int last = D < p.tiles_h - 1 ? D : p.tiles_h - 1;
-        const long long n = (long long)(last - first + 1) * slices;
-        if (ticket < n || D == p.tiles_h + p.tiles_w - 2) {
-            t.ti = first + (int)(ticket / slices);
-            t.tj = D - t.ti;
-            t.slice = (int)(ticket % slices);
-            break;
-        }
-        ticket -= n;
-    }
-    t.a0 = t.ti * p.tile_h;
-    t.b0 = t.tj * p.tile_w;
-    t.rows = p.H - t.a0 < p.tile_h ? p.H - t.a0 : p.tile_h;
-    t.cols = p.W - t.b0 < p.tile_w ? p.W - t.b0 : p.tile_w;
-    return t;
-}
-
-// The tiled solve, forward (ADJ = false: x = M^-1 y, rhs = y, out = x) or
-// adjoint (ADJ = true: grad_y = M^-T grad_x, rhs = grad_x, out = grad_y).
-// `done` holds the values finished tiles pass on: x itself (done == out) for
-// the forward solve, g_hat = (I + N'^T)^-1 grad_x for the adjoint, whose out
-// holds L^-T g_hat instead. Shared memory: [ticket][K' if kp_in_smem][tile
-// with a halo of kh-1 rows and kw-1 columns, per channel].
-template <typename T, bool ADJ>
-__device__ __forceinline__ void ic_solve_tiled(const T* __restrict__ rhs,
-                                               const T* __restrict__ prep, T* out, T* done,
-                                               int* flags, const IcParams& p) {
-    IC_DYNAMIC_SHARED(T, shared);
-    int* ticket = reinterpret_cast<int*>(shared);
-    T* smem = shared + (16 + sizeof(T) - 1) / sizeof(T);
-    const int cg = p.cg;
-    const long long hw = p.hw();
-    const long long nkp = (long long)p.kh * p.kw * cg * cg;
-
-    if (threadIdx.x == 0) *ticket = atomicAdd(flags, 1);
-    __syncthreads();
-    const IcTile t = ic_tile_of_ticket(p, *ticket);
-    const int* ready = flags + 1 + (long long)t.slice * p.tiles_h * p.tiles_w;
-    if (threadIdx.x == 0) {
-        if (t.ti > 0) IC_SPIN_UNTIL(ic_load_flag(ready + (t.ti - 1) * p.tiles_w + t.tj) != 0);
-        if (t.tj > 0) IC_SPIN_UNTIL(ic_load_flag(ready + t.ti * p.tiles_w + t.tj - 1) != 0);
-        if (t.ti > 0 && t.tj > 0)
-            IC_SPIN_UNTIL(ic_load_flag(ready + (t.ti - 1) * p.tiles_w + t.tj - 1) != 0);
-        __threadfence();
-    }
-    const T* kp = prep + ic_prep_slot(p, t.slice % p.G, 0);
-    if (p.kp_in_smem) {  // while thread 0 waits
-        for (long long e = threadIdx.x; e < nkp; e += blockDim.x) smem[e] = kp[e];
-        kp = smem;
-    }
-    T* work = smem + (p.kp_in_smem ? nkp : 0);
-    __syncthreads();
-
-    const int th = p.tile_h + p.kh - 1, tw = p.tile_w + p.kw - 1;  // with the halo
-    const long long cell_count = (long long)th * tw;
-    const long long slice_offset = (long long)t.slice * cg * hw;
-    // Image offset of walk pixel (a, b).
-    auto pixel = [&](int a, int b) -> long long {
-        const int h = ((p.rs > 0) != ADJ) ? a : p.H - 1 - a;
-        const int w = ((p.cs > 0) != ADJ) ? b : p.W - 1 - b;
-        return (long long)h * p.W + w;
-    };
-    // The tile's right-hand side (L^-1 y for the forward solve) and the halo
-    // from the finished neighbours; halo cells outside the image, or beside
-    // the tile's last row or column, are never read.
-    for (long long e = threadIdx.x; e < cg * cell_count; e += blockDim.x) {
-        const int ch = (int)(e / cell_count);
-        const int q = (int)(e % cell_count);
-        const int a = t.a0 + q / tw - (p.kh - 1), b = t.b0 + q % tw - (p.kw - 1);
-        if (a < 0 || b < 0 || a >= t.a0 + t.rows || b >= t.b0 + t.cols) continue;
-        const long long pix = slice_offset + pixel(a, b);
-        if (a >= t.a0 && b >= t.b0) {
-            if (ADJ) {
-                work[e] = rhs[pix + ch * hw];
-            } else {
-                T acc = T(0);
-                for (int i = 0; i <= ch; ++i) acc += kp[ch * cg + i] * rhs[pix + i * hw];
-                work[e] = acc;
-            }
-        } else {
-            work[e] = __ldcg(done + pix + ch * hw);
-        }
-    }
-    __syncthreads();
-
-    // The tile's own anti-diagonals, one barrier apart.
-    for (int d = 0; d < t.rows + t.cols - 1; ++d) {
-        const int first = d - (t.cols - 1) > 0 ? d - (t.cols - 1) : 0;
-        const int len = (d < t.rows - 1 ? d : t.rows - 1) - first + 1;
-        for (int e = threadIdx.x; e < len * cg; e += blockDim.x) {
-            const int ch = e / len;
-            const int lr = first + e % len, lc = d - lr;
-            const int a = t.a0 + lr, b = t.b0 + lc;
-            T* cell = work + ch * cell_count + (long long)(lr + p.kh - 1) * tw + lc + p.kw - 1;
-            T acc = *cell;
-            const int dumax = a < p.kh - 1 ? a : p.kh - 1;
-            const int dvmax = b < p.kw - 1 ? b : p.kw - 1;
-            for (int du = 0; du <= dumax; ++du) {
-                for (int dv = du == 0 ? 1 : 0; dv <= dvmax; ++dv) {
-                    const int off = du * p.kw + dv;
-                    // Row ch of K'_off (forward) or its column ch (adjoint).
-                    const T* k = ADJ ? kp + (long long)off * cg * cg + ch
-                                     : kp + ((long long)off * cg + ch) * cg;
-                    const long long kstride = ADJ ? cg : 1;
-                    const T* src = cell - ch * cell_count - du * tw - dv;
-                    for (int m = 0; m < cg; ++m) acc -= k[m * kstride] * src[m * cell_count];
-                }
-            }
-            *cell = acc;
-        }
-        __syncthreads();
-    }
-
-    const int area = t.rows * t.cols;
-    for (int e = threadIdx.x; e < cg * area; e += blockDim.x) {
-        const int ch = e / area;
-        const int lr = (e % area) / t.cols, lc = (e % area) % t.cols;
-        const T* cell = work + ch * cell_count + (long long)(lr + p.kh - 1) * tw + lc + p.kw - 1;
-        const long long pix = slice_offset + pixel(t.a0 + lr, t.b0 + lc) + ch * hw;
-        if (ADJ) {
-            done[pix] = *cell;
-            // grad_y[ch] = sum_{o >= ch} L^-1[o, ch] g_hat[o]
-            T acc = T(0);
-            for (int o = ch; o < cg; ++o) acc += kp[o * cg + ch] * cell[(o - ch) * cell_count];
-            out[pix] = acc;
-        } else {
-            out[pix] = *cell;
-        }
-    }
-    __threadfence();  // the tile's values before its flag, for every thread
-    __syncthreads();
-    if (threadIdx.x == 0) atomicExch(flags + 1 + (long long)t.slice * p.tiles_h * p.tiles_w
-                                         + t.ti * p.tiles_w + t.tj, 1);
 }

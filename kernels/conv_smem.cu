@@ -1,8 +1,8 @@
-// The convolutions under schedule "smem" (off by default; see
-// src/invconv/_kernels.py): the masked convolution and its adjoint of
-// forward.cu and backward.cu, arranged for many channels. In a file of their
-// own so that the modules every call needs do not compile their 36
-// instantiations; this one is compiled on first use of the schedule.
+// The convolutions under schedule "smem" (the default, as smem:1, since the
+// H200 measurements of 2026-12-04; see src/invconv/_kernels.py): the masked
+// convolution and its adjoint of forward.cu and backward.cu, arranged for
+// data reuse. In a file of their own, compiled on first use, so a program
+// that only solves does not compile their 36 instantiations.
 //
 // Arrays are contiguous (B, C, H, W); weight is contiguous (C, C/G, kh, kw).
 // Shape and launch choices as one IcParams (see common.cuh).

@@ -65,8 +65,8 @@ __global__ void inv_conv_fold_taps(const T* __restrict__ w, T* __restrict__ prep
 // y_hat = L^-1 y (parallel over the slice), then on each diagonal
 //   x_p = y_hat_p - sum_{off != 0} K'_off x_{p - off}
 // for all (pixel, CH consecutive channels) of the diagonal in parallel: each
-// value read from the slice feeds CH sums (CH = 1 by default; 2 and 4 are
-// the opt-in register tiling). Where the slice and the K' table live: see
+// value read from the slice feeds CH sums (CH = 1 or 2, picked by the
+// launcher: see default_solve_choice in src/invconv/_kernels.py). Where the slice and the K' table live: see
 // ic_solve_begin.
 template <typename T, int CH>
 __global__ void inv_conv_solve(const T* __restrict__ y, const T* __restrict__ prep,
@@ -121,12 +121,4 @@ __global__ void inv_conv_solve(const T* __restrict__ y, const T* __restrict__ pr
     if (p.slice_in_smem) {
         for (long long e = threadIdx.x; e < cg * hw; e += blockDim.x) x[s.offset + e] = work[e];
     }
-}
-
-// x = M^-1 y with several blocks per slice (schedule "tiled"): see
-// ic_solve_tiled in common.cuh. flags: 1 + B*G*tiles_h*tiles_w zeros.
-template <typename T>
-__global__ void inv_conv_solve_tiled(const T* __restrict__ y, const T* __restrict__ prep,
-                                     T* x, int* flags, const IcParams p) {
-    ic_solve_tiled<T, false>(y, prep, x, x, flags, p);
 }

@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import invconv
@@ -51,37 +52,106 @@ def test_quick_bench_through_the_cli(tmp_path):
             assert r["us_per_step"] == pytest.approx(r["median_ms"] * 1e3 / r["diagonal_steps"])
 
 
-def test_ratio_to_cudnn_pairs_each_solve_with_its_convolution():
+def test_ratio_to_cudnn_compares_graph_with_graph_and_eager_with_eager():
     from invconv.benchmarks import add_step_and_cudnn_measures
-    rows = [dict(op=op, implementation=impl, median_ms=ms, diagonal_steps=steps)
-            for op, impl, ms, steps in [("inv", "invconv-cuda-graph", 0.3, 63),
-                                        ("inv_vjp", "invconv-cuda-graph", 0.8, 63),
-                                        ("conv", "cudnn-conv2d", 0.1, 0),
-                                        ("conv_vjp", "cudnn-conv2d", 0.5, 0)]]
+    rows = [dict(op=op, implementation=impl, device=device, median_ms=ms, diagonal_steps=steps)
+            for op, impl, device, ms, steps in [
+                ("inv", "invconv-cuda", "cuda", 0.5, 63),
+                ("inv", "invconv-cuda-graph", "cuda", 0.3, 63),
+                ("inv", "per-diagonal-cuda-graph", "cuda", 0.9, 63),
+                ("inv", "invconv-cpu", "cpu", 2.0, 63),
+                ("inv_vjp", "invconv-cuda-graph", "cuda", 0.8, 63),
+                ("inv_vjp", "invconv-cuda", "cuda", 1.2, 63),
+                ("conv", "cudnn-conv2d", "cuda", 0.25, 0),
+                ("conv", "cudnn-conv2d-graph", "cuda", 0.05, 0),
+                ("conv_vjp", "cudnn-conv2d", "cuda", 0.6, 0)]]   # no vjp graph row
     add_step_and_cudnn_measures(rows)
-    assert rows[0]["ratio_to_cudnn"] == pytest.approx(3.0)
-    assert rows[1]["ratio_to_cudnn"] == pytest.approx(1.6)
-    assert rows[0]["us_per_step"] == pytest.approx(300 / 63)
-    assert "ratio_to_cudnn" not in rows[2]
-    add_step_and_cudnn_measures(rows[:2])   # no cuDNN rows: no ratio
-    assert rows[0]["ratio_to_cudnn"] is None
+    by = {(r["op"], r["implementation"]): r for r in rows}
+    # graph over cuDNN's graph, eager over cuDNN's eager
+    assert by["inv", "invconv-cuda-graph"]["ratio_to_cudnn"] == pytest.approx(0.3 / 0.05)
+    assert by["inv", "invconv-cuda-graph"]["cudnn_baseline"] == "cudnn-conv2d-graph"
+    assert by["inv", "per-diagonal-cuda-graph"]["ratio_to_cudnn"] == pytest.approx(0.9 / 0.05)
+    assert by["inv", "invconv-cuda"]["ratio_to_cudnn"] == pytest.approx(0.5 / 0.25)
+    assert by["inv", "invconv-cuda"]["cudnn_baseline"] == "cudnn-conv2d"
+    # a host row has no GPU counterpart; a graph row without cuDNN's graph
+    # row gets no ratio rather than one over the eager call
+    assert by["inv", "invconv-cpu"]["ratio_to_cudnn"] is None
+    assert by["inv_vjp", "invconv-cuda-graph"]["ratio_to_cudnn"] is None
+    assert by["inv_vjp", "invconv-cuda-graph"]["cudnn_baseline"] is None
+    assert by["inv_vjp", "invconv-cuda"]["ratio_to_cudnn"] == pytest.approx(1.2 / 0.6)
+    assert by["inv", "invconv-cuda-graph"]["us_per_step"] == pytest.approx(300 / 63)
+    assert "ratio_to_cudnn" not in by["conv", "cudnn-conv2d"]
+
+
+def test_gpu_run_pairs_ratios_with_a_stand_in_timer(monkeypatch):
+    # run() as on a GPU, with stand-in implementations and timer (no CUDA
+    # here): every ratio is taken over the row timed the same way.
+    import types
+    from invconv import benchmarks
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(asarray=lambda a: a))
+    times = {("inv", "invconv-cuda"): 0.40, ("inv", "invconv-cuda-graph"): 0.10,
+             ("inv", "invconv-lanes-cuda-graph"): 0.08, ("inv", "invconv-cpu"): 3.0,
+             ("conv", "invconv-cuda"): 0.06, ("conv", "invconv-cuda-graph"): 0.01,
+             ("conv", "cudnn-conv2d"): 0.05, ("conv", "cudnn-conv2d-graph"): 0.02}
+
+    def stand_in_implementations(op, shape, k, weight, xp_sets, have_gpu, *rest):
+        for (row_op, name), ms in times.items():
+            if row_op == op:
+                fn = (lambda ms: lambda *args: ms)(ms)
+                if name.endswith("-graph"):
+                    fn = benchmarks.TorchGraphReplay(fn)
+                yield name, "cpu" if name.endswith("-cpu") else "cuda", fn, xp_sets["numpy"], None
+
+    class StandInTimer:
+        def __call__(self, fn, inputs, **kwargs):
+            fn = fn.fn if isinstance(fn, benchmarks.GraphReplay) else fn
+            return [fn()] * 5
+    monkeypatch.setattr(benchmarks, "implementations", stand_in_implementations)
+    monkeypatch.setattr(benchmarks, "GpuTimer", StandInTimer)
+    monkeypatch.setattr(benchmarks, "cpu_timer", lambda fn, inputs, **kw: [fn()] * 3)
+    monkeypatch.setattr(benchmarks, "peak_bytes", lambda fn, inputs: 0)
+    rows = benchmarks.run([(2, 3, 8, 8)], 3, np.float32, True, n_sets=1, repeats=5,
+                          budget_s=0.1, dense_limit_bytes=0, skip_reference_above=0)
+    by = {(r["op"], r["implementation"]): r for r in rows}
+    assert by["inv", "invconv-cuda-graph"]["ratio_to_cudnn"] == pytest.approx(0.10 / 0.02)
+    assert by["inv", "invconv-lanes-cuda-graph"]["ratio_to_cudnn"] == pytest.approx(0.08 / 0.02)
+    assert by["inv", "invconv-cuda"]["ratio_to_cudnn"] == pytest.approx(0.40 / 0.05)
+    assert by["inv", "invconv-cpu"]["ratio_to_cudnn"] is None
+    # ratio_to_invconv likewise: graph rows over invconv's graph replay
+    assert by["conv", "cudnn-conv2d-graph"]["baseline"] == "invconv-cuda-graph"
+    assert by["conv", "cudnn-conv2d-graph"]["ratio_to_invconv"] == pytest.approx(2.0)
+    assert by["conv", "cudnn-conv2d"]["baseline"] == "invconv-cuda"
+    assert by["inv", "invconv-lanes-cuda-graph"]["ratio_to_invconv"] == pytest.approx(0.8)
+
+
+def test_gpu_suite_shapes_and_shape_option():
+    from invconv.benchmarks import GPU_SHAPES, FLOW_SHAPES, _shape_list
+    assert set(FLOW_SHAPES) | {(1, 3, 256, 256), (100, 3, 64, 64), (16, 16, 64, 64),
+                               (256, 12, 16, 16), (1, 3, 1024, 1024)} == set(GPU_SHAPES)
+    assert _shape_list("100x1x28x28, 1x3x1024x1024") == [(100, 1, 28, 28), (1, 3, 1024, 1024)]
+    import argparse
+    for bad in ("100x1x28", "0x1x2x2", "axbxcxd", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _shape_list(bad)
 
 
 def test_schedule_tables_put_each_schedule_beside_the_ops_it_changes():
     from invconv.benchmarks import schedule_family, schedule_markdown
-    assert schedule_family("smem:4") == "conv" and schedule_family("tiled:8x8") == "solve"
+    assert schedule_family("smem:4") == "conv" and schedule_family("lanes:2") == "solve"
+    assert schedule_family("direct") == "conv" and schedule_family("diagonal") == "solve"
     shape = [100, 48, 8, 8]
     rows = [dict(op=op, implementation=impl, median_ms=ms, shape=shape, us_per_step=ms * 1e3 / 15)
             for op, impl, ms in [("inv", "invconv-cuda-graph", 0.4),
                                  ("inv", "invconv-lanes-cuda-graph", 0.2),
                                  ("conv", "invconv-cuda-graph", 0.1),
                                  ("conv", "invconv-smem:4-cuda-graph", 0.05),
-                                 ("conv", "cudnn-conv2d", 0.04)]]
+                                 ("conv", "cudnn-conv2d", 0.2),   # eager: not the yardstick
+                                 ("conv", "cudnn-conv2d-graph", 0.04)]]
     solve, conv = schedule_markdown(rows).split("Convolution schedules")
     assert "Solve schedules" in solve and "lanes ms" in solve and "smem" not in solve
     table = [line for line in conv.splitlines() if line.startswith("| ")]
     assert table[0] == "| op | shape (B,C,H,W) | default ms | default / cuDNN | smem:4 ms |"
-    # default / cuDNN = 0.1 / 0.04, the schedule over the default = 0.05 / 0.1
+    # default / cuDNN = 0.1 / 0.04 (graph over graph), the schedule over the default = 0.05 / 0.1
     assert table[1] == "| conv | (100, 48, 8, 8) | 0.100 | 2.50 | 0.050 (0.50) |"
     solve_rows = [line for line in solve.splitlines() if line.startswith("| inv ")]
     assert solve_rows == ["| inv | (100, 48, 8, 8) | 0.400 | 26.67 | 10.00 | 0.200 (0.50) |"]
@@ -174,3 +244,62 @@ def test_paper_tables_from_a_trained_run(tmp_path):
     t = row["timing"]["eager"]
     assert 0 < t["sampling_100"]["min_ms"] <= t["sampling_100"]["median_ms"]
     assert "| Table 4 | snf-small |" in md.read_text()
+
+
+def _device_check_dry_run(tmp_path, **env):
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh"), str(out)],
+                          env=dict(os.environ, INVCONV_CHECK_DRY_RUN="1", **env),
+                          capture_output=True, text=True, timeout=120)
+    return proc, out
+
+
+def test_device_check_runs_correctness_at_once_then_timings_alone(tmp_path):
+    # The script's structure, with each command recorded instead of run.
+    from invconv._kernels import parse_schedule
+    proc, out = _device_check_dry_run(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    commands = [line.split("\t") for line in (out / "dry_run.txt").read_text().splitlines()]
+    phases = [phase for phase, _, _ in commands]
+    # every correctness job is started before the first timing, and (the
+    # script waits for them) recorded before it
+    assert phases == sorted(phases, key=["correctness", "timings"].index)
+    by_name = {name: command for _, name, command in commands}
+    assert "-m gpu" in by_name["gpu_tests"] and "tests/test_gpu.py" in by_name["gpu_tests"]
+    for tool in ("memcheck", "racecheck"):
+        assert by_name[tool].startswith(f"compute-sanitizer --tool {tool}")
+        assert by_name[tool].endswith("bench/sanitize_ops.py")
+    timings = [name for phase, name, _ in commands if phase == "timings"]
+    assert timings[:2] == ["bench_ops", "bench_models"] and timings[-1] == "host_profile"
+    if (ROOT / "bench" / "overhead.py").exists():
+        assert "--device cuda" in by_name["call_cost"]
+    ops = by_name["bench_ops"]
+    assert "--device-check" in ops and f"--out {out}/ops.json" in ops
+    # every schedule named is one the kernels still have
+    named = ops.split("--schedules ")[1].split()[0].split(",")
+    named += [c.split("_SCHEDULE=")[1].split()[0] for c in by_name.values() if "_SCHEDULE=" in c]
+    assert {"diagonal", "lanes", "diagonal:2", "direct", "smem:4"} <= set(named)
+    for schedule in named:
+        parse_schedule(schedule)
+    for name in by_name:
+        if "[" in name:
+            assert name.split("[")[1].rstrip("]") in named
+    # the JSON of the steps, and the table of steps printed last
+    steps = json.loads((out / "steps.json").read_text())["steps"]
+    assert [s["step"] for s in steps if s["phase"] == "timings"] == timings
+    assert {s["result"] for s in steps} == {"PASS"}
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("| all | whole call |")
+    assert (out / "summary.md").read_text().rstrip().endswith(
+        proc.stdout.rstrip().splitlines()[-1])
+    assert "-n 6" in (ROOT / "bench" / "device_check.sh").read_text()   # xdist, where installed
+
+
+def test_device_check_holds_its_time_budget(tmp_path):
+    # With no time left every step is recorded as skipped, the summary is
+    # still written, and the call fails.
+    proc, out = _device_check_dry_run(tmp_path, INVCONV_CHECK_BUDGET_S="10")
+    assert proc.returncode != 0
+    steps = json.loads((out / "steps.json").read_text())["steps"]
+    assert steps and {s["result"] for s in steps} == {"SKIPPED (no time left)"}
+    assert not (out / "dry_run.txt").exists()
+    assert "| all | whole call | 0 of" in (out / "summary.md").read_text()

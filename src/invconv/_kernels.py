@@ -16,25 +16,37 @@ in ``kernels/common.cuh``, built here by :func:`kernel_params` and passed as a
 one-element NumPy array of :data:`PARAMS_DTYPE` (how CuPy passes a struct by
 value; the emulator takes the same).
 
-The solves have schedules (:class:`SolveSchedule`): ``diagonal``, the default,
-one block per (image, group) walking its anti-diagonals; ``lanes``, the same
-with each thread on fixed (channel, place) lanes instead of a division per
-element; ``tiled``, several blocks per slice taking tiles through an atomic
-ticket (for small ``B * groups``). The untiled two take a number of channels
-a thread (1 by default, 2 or 4: register tiling, each value read from the
-slice feeding several sums). Only the default is measured on a GPU yet; the
-others are chosen on request: ``INVCONV_SOLVE_SCHEDULE`` (read when a backend
-starts, e.g. ``lanes``, ``diagonal:4`` or ``tiled:16x32``) or
-:meth:`KernelOps.using_schedule`.
+The solves have schedules (:class:`SolveSchedule`): ``diagonal``, one block
+per (image, group) walking its anti-diagonals; ``lanes``, the same with each
+thread on fixed (channel, place) lanes instead of a division per element;
+either with 1 or 2 channels a thread (``diagonal:2``: register tiling, each
+value read from the slice feeding two sums); ``slices``, several (image,
+group) slices a block walking their diagonals together, each thread on fixed
+(slice, channel, place) lanes (``slices:S``, S in 2, 4 or 8; for small
+slices at large batch; off by default until a GPU times it). The default,
+``auto``, picks one per solve by the rule of :func:`default_solve_choice`,
+set from the H200
+graph-replay measurements of 2026-12-04 (``bench/README.md``, "Schedules
+chosen by measurement"). Another is chosen on request:
+``INVCONV_SOLVE_SCHEDULE`` (read when a backend starts, e.g. ``lanes`` or
+``diagonal:2``) or :meth:`KernelOps.using_schedule`. Removed by that
+measurement: ``tiled`` (several blocks a slice: 1.14-1.98x the time of
+``diagonal`` at every shape with more than one tile; it cannot win as
+built, since a tile waits for its whole up and left neighbours and the
+critical path grows to tile diagonals x steps in a tile; with one tile it is
+no tiling at all, and ``lanes`` does as well there) and 4 channels a thread
+(never more than 1% ahead of 2 a thread, up to 1.49x the time of
+``diagonal``); naming either is an error that says so.
 
-The convolutions have schedules too (:class:`ConvSchedule`): ``direct``, the
-default, one thread per (pixel, channels of a group) reading the weights from
-global memory; ``smem``, for many channels, each block staging the weights of
-its (group, channels) slab in shared memory (when they fit) and each thread
-computing several pixels (``smem:P``, P in 1, 2 or 4; 2 by default), so a
-weight read feeds P sums. Not yet measured on a GPU, it is chosen on request:
-``INVCONV_CONV_SCHEDULE`` or :meth:`KernelOps.using_schedule` with a
-:class:`ConvSchedule`.
+The convolutions have schedules too (:class:`ConvSchedule`): ``smem``, the
+default as ``smem:1``, each block staging the weights of its (group,
+channels) slab in shared memory (when they fit) and each thread computing P
+pixels (``smem:P``, P in 1, 2 or 4), so a weight read feeds P sums; and
+``direct``, one thread per (pixel, channels of a group) reading the weights
+from global memory, the default until the 2026-12-04 measurements, in which
+``smem:1`` took 0.51-0.99 of its time at every shape (conv and conv vjp).
+Chosen on request: ``INVCONV_CONV_SCHEDULE`` or :meth:`KernelOps.using_schedule`
+with a :class:`ConvSchedule`.
 """
 from __future__ import annotations
 
@@ -52,20 +64,21 @@ from ._api import Conv
 # Kernel templates per source file, instantiated for each float type.
 KERNELS = {
     "forward.cu": ("masked_conv_forward", "inv_conv_lower_inverse", "inv_conv_fold_taps",
-                   "inv_conv_solve", "inv_conv_solve_tiled"),
+                   "inv_conv_solve"),
     "backward.cu": ("masked_conv_adjoint", "inv_conv_solve_adjoint",
-                    "inv_conv_solve_adjoint_tiled", "conv_weight_grad_partial",
-                    "conv_weight_grad_combine"),
-    # The convolutions' "smem" schedule, compiled only when it is used.
+                    "conv_weight_grad_partial", "conv_weight_grad_combine"),
+    # The solves' "slices" schedule (off by default), compiled on first use.
+    "solve_slices.cu": ("inv_conv_solve_slices", "inv_conv_solve_adjoint_slices"),
+    # The convolutions' "smem" schedule (the default), compiled on first use.
     "conv_smem.cu": ("masked_conv_forward_smem", "masked_conv_adjoint_smem"),
 }
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 WG_TAPS = 9  # IC_WG_TAPS in backward.cu: partial sums per thread in the weight gradient
 # Channels per thread (template argument CH) of the two convolution kernels.
 CONV_CHANNELS = (1, 2, 4)
-# Channels per thread (template argument CH) of the untiled solves: 1 by
-# default, 2 or 4 on request (register tiling, not yet measured on a GPU).
-SOLVE_CHANNELS = (1, 2, 4)
+# Channels per thread (template argument CH) of the solves (register tiling;
+# 4 was removed: see the module docstring).
+SOLVE_CHANNELS = (1, 2)
 # Pixels per thread (template argument P) of the convolutions' "smem" schedule.
 CONV_PIXELS = (1, 2, 4)
 # The template arguments after T of each instantiation, per kernel.
@@ -92,8 +105,7 @@ def conv_channels_per_thread(group_channels: int) -> int:
 
 # The members of IcParams (kernels/common.cuh), in order; all int32.
 PARAM_FIELDS = ("B", "C", "H", "W", "G", "cg", "kh", "kw", "rs", "cs", "unit",
-                "kp_in_smem", "slice_in_smem", "nsplit", "lanes",
-                "tile_h", "tile_w", "tiles_h", "tiles_w", "w_in_smem")
+                "kp_in_smem", "slice_in_smem", "nsplit", "lanes", "w_in_smem", "slices")
 PARAMS_DTYPE = np.dtype([(name, np.int32) for name in PARAM_FIELDS])
 
 
@@ -114,60 +126,119 @@ def kernel_params(shape, conv: Conv, **choices) -> np.ndarray:
     return params
 
 
-SCHEDULES = ("diagonal", "lanes", "tiled")
-DEFAULT_TILE = 32   # pixels a side of a tile of the tiled schedule
+SCHEDULES = ("auto", "diagonal", "lanes", "slices")
+# (image, group) slices a block of schedule slices (slices:S); 4 when none
+# are named.
+SLICES_PER_BLOCK = (2, 4, 8)
+DEFAULT_SLICES = 4
+# Schedules removed by measurement: what naming one says.
+REMOVED_SCHEDULES = {
+    "tiled": "the tiled schedule was removed: it took 1.14-1.98x the time of diagonal at "
+             "every H200 shape with more than one tile (bench/README.md)",
+}
+REMOVED_CHANNELS = {4: "4 channels a thread were removed: never more than 1% ahead of 2, "
+                       "up to 1.49x the time of diagonal (bench/README.md)"}
+
+
+def default_solve_choice(adjoint: bool, group_channels: int, H: int, W: int):
+    """``(lanes, channels a thread)`` of schedule ``auto`` for one solve.
+
+    The rule, from the H200 graph replays of 2026-12-04 (float32, k = 3;
+    time over the ``diagonal`` schedule's, ``bench/README.md``):
+
+    - forward solve, 2 channels a thread where 2 <= C_g <= 12 and the longest
+      anti-diagonal holds at least 96 (pixel, channel) elements
+      (min(H, W) * C_g): it won at every such shape (C_g = 3 at 256², 64²
+      and 32²: 0.88-0.96; C_g = 12 at 16²: 0.91) and lost where the diagonal
+      is short (C_g = 4 at 14², 56 elements: 1.06) or each element long
+      (C_g = 48: 1.12);
+    - else ``lanes`` where C_g >= 12, both solves: 0.84-0.88 at C_g = 12 and
+      48 (the adjoint at 12 and 48, the forward solve at 48), while at
+      C_g <= 4 it was 0.90-1.16;
+    - else ``diagonal`` with 1 channel a thread. The adjoint solve never
+      takes 2 channels a thread: 0.94-1.12, losing at 5 of 8 shapes, and
+      beaten by ``lanes`` where it won.
+
+    Shapes the table lacks follow the same rule and await a GPU run.
+    """
+    cg = group_channels
+    if not adjoint and 2 <= cg <= 12 and min(H, W) * cg >= 96:
+        return False, 2
+    if cg >= 12:
+        return True, 1
+    return False, 1
 
 
 @dataclasses.dataclass(frozen=True)
 class SolveSchedule:
     """How the solves are scheduled (see the module docstring)."""
 
-    kind: str = "diagonal"
-    channels: int = 1          # per thread, untiled schedules
-    tile_h: int = DEFAULT_TILE
-    tile_w: int = DEFAULT_TILE
+    kind: str = "auto"
+    channels: int = 1          # per thread; schedule auto picks its own
+    slices: int = 1            # a block; schedule slices only
+
+    def choice(self, adjoint: bool, group_channels: int, H: int, W: int):
+        """``(lanes, channels a thread)`` for one solve."""
+        if self.kind == "auto":
+            return default_solve_choice(adjoint, group_channels, H, W)
+        return self.kind == "lanes", self.channels
 
     @classmethod
     def parse(cls, text: str) -> "SolveSchedule":
-        """``"diagonal"`` or ``"lanes"``, optionally with channels per thread
-        (``"lanes:4"``; 1, 2 or 4), or ``"tiled"``, optionally with a tile
-        size (``"tiled:16x32"``)."""
-        kind, _, arg = (text or "diagonal").strip().partition(":")
-        usage = (f"INVCONV_SOLVE_SCHEDULE must be diagonal[:N] or lanes[:N] with N in "
-                 f"{', '.join(map(str, SOLVE_CHANNELS))} channels a thread, or tiled[:HxW] "
-                 f"with positive H and W; got {text!r}")
-        if kind not in SCHEDULES:
+        """``"auto"`` (the default, also for ``""``), or ``"diagonal"`` or
+        ``"lanes"``, optionally with channels per thread (``"lanes:2"``; 1
+        or 2), or ``"slices"``, optionally with slices a block
+        (``"slices:8"``; 2, 4 or 8)."""
+        kind, _, arg = (text or "auto").strip().partition(":")
+        usage = (f"INVCONV_SOLVE_SCHEDULE must be auto, diagonal[:N] or lanes[:N] with N "
+                 f"in {', '.join(map(str, SOLVE_CHANNELS))} channels a thread, or "
+                 f"slices[:S] with S in {', '.join(map(str, SLICES_PER_BLOCK))} slices a "
+                 f"block; got {text!r}")
+        if kind in REMOVED_SCHEDULES:
+            raise ValueError(f"{usage}: {REMOVED_SCHEDULES[kind]}")
+        if kind not in SCHEDULES or (kind == "auto" and arg):
             raise ValueError(usage)
+        if kind == "slices":
+            try:
+                slices = int(arg) if arg else DEFAULT_SLICES
+            except ValueError:
+                raise ValueError(usage) from None
+            if slices not in SLICES_PER_BLOCK:
+                raise ValueError(usage)
+            return cls(kind, slices=slices)
         if not arg:
             return cls(kind)
         try:
-            if kind == "tiled":
-                th, tw = (int(v) for v in arg.lower().split("x"))
-                if th >= 1 and tw >= 1:
-                    return cls(kind, tile_h=th, tile_w=tw)
-            elif int(arg) in SOLVE_CHANNELS:
-                return cls(kind, channels=int(arg))
+            channels = int(arg)
         except ValueError:
-            pass
-        raise ValueError(usage)
+            raise ValueError(usage) from None
+        if channels in REMOVED_CHANNELS:
+            raise ValueError(f"{usage}: {REMOVED_CHANNELS[channels]}")
+        if channels not in SOLVE_CHANNELS:
+            raise ValueError(usage)
+        return cls(kind, channels=channels)
 
 
 CONV_SCHEDULES = ("direct", "smem")
-DEFAULT_CONV_PIXELS = 2
+# Pixels a thread of schedule smem when none are named: smem:1 took 0.51-0.99
+# of direct's time at every measured shape, smem:2 0.49-1.15 and smem:4
+# 0.33-1.42 (H200, 2026-12-04; bench/README.md); P = 4 won clearly only at
+# 4x3x256x256 (0.33 vs 0.51), one shape, so it stays on request.
+DEFAULT_CONV_PIXELS = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvSchedule:
     """How the convolutions are scheduled (see the module docstring)."""
 
-    kind: str = "direct"
+    kind: str = "smem"
     pixels: int = DEFAULT_CONV_PIXELS   # per thread, schedule smem
 
     @classmethod
     def parse(cls, text: str) -> "ConvSchedule":
-        """``"direct"``, or ``"smem"`` optionally with pixels per thread
-        (``"smem:4"``; 1, 2 or 4)."""
-        kind, _, arg = (text or "direct").strip().partition(":")
+        """``"smem"`` (the default, also for ``""``) optionally with pixels
+        per thread (``"smem:4"``; 1, 2 or 4), or ``"direct"``."""
+        kind, _, arg = (text or "smem").strip().partition(":")
         usage = (f"INVCONV_CONV_SCHEDULE must be direct, or smem[:P] with P in "
                  f"{', '.join(map(str, CONV_PIXELS))} pixels a thread; got {text!r}")
         if kind not in CONV_SCHEDULES or (kind == "direct" and arg):
@@ -372,10 +443,6 @@ class KernelOps:
     def _wavefront(self, kernel, source, rhs, weight, conv):
         rhs = self._contiguous(rhs)
         prep = self._prepare(weight, conv)
-        if self.schedule.kind == "tiled":
-            out = self._tiled(kernel + "_tiled", source, rhs, prep, conv)
-            if out is not None:
-                return out
         out = self.xp.empty(rhs.shape, dtype=rhs.dtype)
         B, C, H, W = rhs.shape
         cg, item = conv.group_channels, rhs.dtype.itemsize
@@ -386,48 +453,40 @@ class KernelOps:
         used = kp_bytes if kp_in_smem else 0
         slice_in_smem = used + slice_bytes <= lim.smem_bytes
         shared = used + (slice_bytes if slice_in_smem else 0)
-        per_thread = self.schedule.channels
+        if self.schedule.kind == "slices":
+            return self._slices(kernel + "_slices", rhs, prep, out, conv)
+        lanes, per_thread = self.schedule.choice("adjoint" in kernel, cg, H, W)
         fn, max_threads = self._function(source, kernel, rhs.dtype, per_thread)
         if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
             fn.max_dynamic_shared_size_bytes = shared
         diagonal = min(H, W) * -(-cg // per_thread)
         block = self._block(max_threads, min(lim.max_block, max(32, -(-diagonal // 32) * 32)))
         params = kernel_params(rhs.shape, conv, kp_in_smem=int(kp_in_smem),
-                               slice_in_smem=int(slice_in_smem),
-                               lanes=int(self.schedule.kind == "lanes"))
+                               slice_in_smem=int(slice_in_smem), lanes=int(lanes))
         fn((B * conv.groups,), (block,), (rhs, prep, out, params), shared_mem=shared)
         return out
 
-    def _tiled(self, kernel, source, rhs, prep, conv):
-        """The tiled schedule (see ic_solve_tiled in common.cuh), or None
-        where a tile does not fit in shared memory."""
+    def _slices(self, kernel, rhs, prep, out, conv):
+        """The solves' "slices" schedule (kernels/solve_slices.cu): S slices
+        a block, one thread per (slice, channel, place) of a diagonal."""
         B, C, H, W = rhs.shape
         cg, item, lim = conv.group_channels, rhs.dtype.itemsize, self.limits
-        # A tile reads only its up-left neighbours when it is at least
-        # (kh-1) x (kw-1); one tile spans a side shorter than that.
-        th = min(H, max(self.schedule.tile_h, conv.kh - 1))
-        tw = min(W, max(self.schedule.tile_w, conv.kw - 1))
-        header = 16   # the block's ticket, as 16 bytes of T
-        tile_bytes = cg * (th + conv.kh - 1) * (tw + conv.kw - 1) * item
-        kp_bytes = conv.kh * conv.kw * cg * cg * item
-        if header + tile_bytes > lim.smem_bytes:
-            return None
-        kp_in_smem = header + kp_bytes + tile_bytes <= lim.smem_bytes
-        shared = header + tile_bytes + (kp_bytes if kp_in_smem else 0)
-        tiles_h, tiles_w = -(-H // th), -(-W // tw)
-        blocks = B * conv.groups * tiles_h * tiles_w
-        flags = self.xp.zeros(1 + blocks, dtype=np.int32)  # ticket counter, ready flags
-        out = self.xp.empty(rhs.shape, dtype=rhs.dtype)
-        # The adjoint passes g_hat on in a scratch array; the forward solve x itself.
-        extra = (self.xp.empty(rhs.shape, dtype=rhs.dtype),) if "adjoint" in kernel else ()
-        fn, max_threads = self._function(source, kernel, rhs.dtype)
-        if shared > 48 * 1024:
+        per_block = min(self.schedule.slices, B * conv.groups)
+        kp_bytes = prep.size * item            # the K' tables of all groups
+        slices_bytes = per_block * cg * H * W * item
+        kp_in_smem = kp_bytes <= lim.smem_bytes
+        used = kp_bytes if kp_in_smem else 0
+        slice_in_smem = used + slices_bytes <= lim.smem_bytes
+        shared = used + (slices_bytes if slice_in_smem else 0)
+        fn, max_threads = self._function("solve_slices.cu", kernel, rhs.dtype)
+        if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
             fn.max_dynamic_shared_size_bytes = shared
-        block = self._block(max_threads, min(lim.max_block,
-                                             max(32, -(-min(th, tw) * cg // 32) * 32)))
-        params = kernel_params(rhs.shape, conv, kp_in_smem=int(kp_in_smem), tile_h=th,
-                               tile_w=tw, tiles_h=tiles_h, tiles_w=tiles_w)
-        fn((blocks,), (block,), (rhs, prep, out, *extra, flags, params), shared_mem=shared)
+        lanes = per_block * cg * min(H, W)
+        block = self._block(max_threads, min(lim.max_block, max(32, -(-lanes // 32) * 32)))
+        params = kernel_params(rhs.shape, conv, kp_in_smem=int(kp_in_smem),
+                               slice_in_smem=int(slice_in_smem), slices=per_block)
+        fn((-(-B * conv.groups // per_block),), (block,), (rhs, prep, out, params),
+           shared_mem=shared)
         return out
 
     def solve(self, y, weight, conv):

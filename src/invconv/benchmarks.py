@@ -18,7 +18,8 @@ implementation available on the machine is timed:
 - ``cusparse``: ``cupyx.scipy.sparse.linalg.spsolve_triangular`` on the operator;
 - ``dense-torch``: ``torch.linalg.solve_triangular`` on the dense operator, where it fits;
 - ``cudnn-conv2d``: ``torch.nn.functional.conv2d`` (forward, or forward+backward), the
-  yardstick of what a convolution costs;
+  yardstick of what a convolution costs, called eagerly; ``cudnn-conv2d-graph``: the
+  same captured with ``torch.cuda.CUDAGraph`` and timed as replays (GPU time);
 - ``invconv-cpu``: invconv's NumPy/BLAS backend on the host CPU (wall clock), and
   ``reference-cpu``: its SciPy reference; for both, the peak memory Python
   allocates during one call (tracemalloc) is recorded as ``peak_bytes``;
@@ -33,7 +34,10 @@ the same run, the bytes an op must move at least, the number of sequential
 diagonal steps and, for the inverse and its vjp, the time per diagonal step
 and the ratio to cuDNN's convolution of the same shape (forward for the
 inverse, forward and backward for the vjp): the two measures of issue 12's
-targets.
+targets. A ratio to cuDNN compares like with like (:func:`cudnn_yardstick`):
+a graph replay with cuDNN's graph replay, an eager GPU call with cuDNN's
+eager call, never one with the other (an eager cuDNN call includes its host
+time, which made graph rows look 1.5-5.6x cuDNN when they were 4-47x).
 """
 from __future__ import annotations
 
@@ -55,6 +59,19 @@ from invconv import _api, _backends
 
 FLOW_SHAPES = [(100, 1, 28, 28), (100, 4, 14, 14), (100, 12, 16, 16), (100, 48, 8, 8),
                (100, 3, 32, 32), (16, 3, 64, 64), (4, 3, 256, 256)]
+# The GPU suite: the flow shapes, the large single images, and issue 17's
+# shapes: a larger batch of 64² images, many channels at 64² and at 16² in a
+# large batch, and one slice far beyond shared memory (1x3x1024²).
+GPU_SHAPES = FLOW_SHAPES + [(1, 3, 256, 256), (100, 3, 64, 64), (16, 16, 64, 64),
+                            (256, 12, 16, 16), (1, 3, 1024, 1024)]
+# cuSPARSE's rows need the operator as a SciPy matrix, built on the host:
+# skipped past this many unknowns a slice (C*H*W; 1x3x1024² has 3.1M, ~85M
+# non-zeros).
+SPARSE_LIMIT = 1 << 20
+# The SciPy reference (host CPU) is skipped past this many image elements in
+# the device check, whose time is bounded (16x16x64² would take seconds a
+# call); other GPU runs skip it past 2M.
+REFERENCE_LIMIT_CHECK = 800_000
 QUICK_SHAPES = [(4, 1, 12, 12), (4, 4, 8, 8), (2, 3, 16, 16)]
 # The host suite: the flow shapes and one large single image.
 CPU_SHAPES = FLOW_SHAPES + [(1, 3, 256, 256)]
@@ -67,18 +84,25 @@ def _quantiles(times):
     return statistics.median(times), q[0], q[2]
 
 
-class CudaGraphReplay:
-    """Marks ``fn`` to be timed as CUDA-graph replays rather than eager calls.
+class GraphReplay:
+    """Marks ``fn`` to be timed as CUDA-graph replays rather than eager calls;
+    :meth:`capture` returns ``(launch, replays)``: ``launch(*replay)`` replays
+    one captured graph."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
+class CudaGraphReplay(GraphReplay):
+    """CuPy's stream capture of ``fn`` (invconv and the per-diagonal baseline).
 
     Eager timings of a schedule with hundreds of launches mostly measure
     Python's cost per launch (about 15-20 us through CuPy); a compiled caller
     such as the published C++ extensions pays a few us. Replaying a captured
     graph times the GPU work alone, which is the fair floor for every
-    schedule: both invconv and the per-diagonal baseline get such rows.
+    schedule: both invconv and the per-diagonal baseline get such rows, and
+    cuDNN gets them through :class:`TorchGraphReplay`.
     """
-
-    def __init__(self, fn):
-        self.fn = fn
 
     def capture(self, inputs):
         """One graph per input set, each checked against an eager call.
@@ -119,6 +143,51 @@ class CudaGraphReplay:
         return (lambda graph, out, pool: graph.launch()), replays
 
 
+class TorchGraphReplay(GraphReplay):
+    """``torch.cuda.CUDAGraph`` capture of a torch ``fn`` (cuDNN's conv2d, and
+    its forward and backward through autograd): the graph-replay row cuDNN is
+    compared with, so both sides of a ratio are GPU time.
+
+    One graph per input set, the inputs turned into static torch tensors
+    before capture. Warm-up calls run on a side stream first, as
+    ``torch.cuda.graph`` requires (cuDNN picks its algorithms and workspaces
+    there). A replay is checked against an eager call to within float32
+    rounding, not bit for bit: cuDNN's weight gradient may sum in another
+    order from call to call.
+    """
+
+    WARMUP = 3
+
+    def capture(self, inputs):
+        import torch
+        replays = []
+        torch.cuda.synchronize()
+        for args in inputs:
+            static = tuple(torch.as_tensor(a) for a in args)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP):
+                    want = _as_tuple(self.fn(*static))
+            torch.cuda.current_stream().wait_stream(side)
+            want = tuple(t.detach().clone() for t in want)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = _as_tuple(self.fn(*static))
+            graph.replay()
+            torch.cuda.synchronize()
+            for got, ref in zip(out, want):
+                scale = float(ref.abs().max()) if ref.numel() else 0.0
+                if float((got - ref).abs().max()) > 1e-4 * max(scale, 1e-30):
+                    raise RuntimeError("a torch CUDA-graph replay disagrees with the eager call")
+            replays.append((graph, static, out))
+        return (lambda graph, static, out: graph.replay()), replays
+
+
+def _as_tuple(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
 def _to_host(result):
     import cupy
     parts = result if isinstance(result, tuple) else (result,)
@@ -141,7 +210,7 @@ class GpuTimer:
         so the host time of launching the first is spread thin."""
         cupy = self.cupy
         per_sample = 1
-        if isinstance(fn, CudaGraphReplay):
+        if isinstance(fn, GraphReplay):
             fn, inputs = fn.capture(inputs)
             per_sample = self.GRAPH_BATCH
         for k in range(warmup):
@@ -244,16 +313,34 @@ def schedule_family(schedule):
     return "conv" if isinstance(parse_schedule(schedule), ConvSchedule) else "solve"
 
 
+CUDNN_EAGER, CUDNN_GRAPH = "cudnn-conv2d", "cudnn-conv2d-graph"
+
+
+def cudnn_yardstick(row):
+    """The cuDNN row a row's ratio to cuDNN is taken over: cuDNN's graph
+    replay for a graph replay (``*-graph``: GPU time on both sides), its
+    eager call for an eager GPU call (host time on both sides); None for a
+    host row (its time is the CPU's)."""
+    if row.get("device", "cuda") != "cuda":
+        return None
+    return CUDNN_GRAPH if row["implementation"].endswith("-graph") else CUDNN_EAGER
+
+
 def add_step_and_cudnn_measures(rows):
-    """Adds ``us_per_step`` and ``ratio_to_cudnn`` to the inverse rows of one
-    shape: cuDNN's time is its conv2d (forward, or forward and backward) row
-    of the same shape; None where there is none."""
-    cudnn = {r["op"]: r for r in rows if r["implementation"] == "cudnn-conv2d"}
+    """Adds ``us_per_step``, ``ratio_to_cudnn`` and ``cudnn_baseline`` to the
+    inverse rows of one shape: cuDNN's time is its conv2d (forward, or
+    forward and backward) row of the same shape timed the same way
+    (:func:`cudnn_yardstick`); None where there is none, never a row timed
+    the other way."""
+    cudnn = {(r["op"], r["implementation"]): r for r in rows
+             if r["implementation"] in (CUDNN_EAGER, CUDNN_GRAPH)}
     for r in rows:
         if r["op"] in CUDNN_COUNTERPART:
             r["us_per_step"] = r["median_ms"] * 1e3 / r["diagonal_steps"]
-            base = cudnn.get(CUDNN_COUNTERPART[r["op"]])
+            name = cudnn_yardstick(r)
+            base = cudnn.get((CUDNN_COUNTERPART[r["op"]], name)) if name else None
             r["ratio_to_cudnn"] = r["median_ms"] / base["median_ms"] if base else None
+            r["cudnn_baseline"] = name if base else None
 
 
 def implementations(op, shape, k, weight, xp_sets, have_gpu, dense_limit_bytes,
@@ -289,7 +376,7 @@ def implementations(op, shape, k, weight, xp_sets, have_gpu, dense_limit_bytes,
             yield "per-diagonal-cuda", "cuda", fn, gsets, launches
             yield "per-diagonal-cuda-graph", "cuda", CudaGraphReplay(fn), gsets, launches
 
-        if op in ("inv", "inv_vjp"):
+        if op in ("inv", "inv_vjp") and C * H * W <= SPARSE_LIMIT:
             m_perm, order = _permuted_operator(weight, C, H, W)
             try:
                 import cupyx.scipy.sparse as csp
@@ -381,17 +468,24 @@ def _torch_alternatives(op, shape, k, weight, inputs, device, dense_limit_bytes)
         yield (f"dense-torch{suffix}", device,
                (lambda y, g: dense_solve(y, False)) if op == "inv"
                else (lambda x, g: dense_solve(g, True)), inputs, None)
-    name = "cudnn-conv2d" if device == "cuda" else "torch-conv2d-cpu"
+    name = CUDNN_EAGER if device == "cuda" else "torch-conv2d-cpu"
     wt = torch.as_tensor(weight, device=device)
     if op == "conv":
-        yield name, device, lambda x, g: F.conv2d(F.pad(torch.as_tensor(x), pad), wt), inputs, None
+        def torch_conv(x, g):
+            return F.conv2d(F.pad(torch.as_tensor(x), pad), wt)
+        fn = torch_conv
     elif op == "conv_vjp":
         def torch_vjp(x, g):
-            xt = torch.as_tensor(x).requires_grad_(True)
+            xt = torch.as_tensor(x).detach().requires_grad_(True)
             wr = wt.detach().requires_grad_(True)
             y = F.conv2d(F.pad(xt, pad), wr)
             return torch.autograd.grad(y, (xt, wr), torch.as_tensor(g))
-        yield name, device, torch_vjp, inputs, None
+        fn = torch_vjp
+    else:
+        return
+    yield name, device, fn, inputs, None
+    if device == "cuda":   # the fair yardstick for graph rows: cuDNN's GPU time
+        yield CUDNN_GRAPH, device, TorchGraphReplay(fn), inputs, None
 
 
 def run(shapes, k, dtype, have_gpu, n_sets, repeats, budget_s, dense_limit_bytes,
@@ -491,7 +585,8 @@ def markdown(rows, env):
              f"[q1, q3]; ratio = time / invconv's time in the same run (for *-graph rows, "
              f"over invconv's own graph replay); us / step = time / diagonal steps; "
              f"/ cuDNN = time / cuDNN conv2d's of the same shape (forward for inv, "
-             f"forward + backward for inv_vjp). Threads: {env.get('threads', '-')}; "
+             f"forward + backward for inv_vjp) timed the same way: graph replays over "
+             f"cudnn-conv2d-graph, eager calls over cudnn-conv2d. Threads: {env.get('threads', '-')}; "
              f"peak MB: memory Python allocated during one call (host backends).", "",
              "| op | shape (B,C,H,W) | implementation | median ms | [q1, q3] | ratio | launches "
              "| diagonal steps | us / step | / cuDNN | GB/s at the byte floor | peak MB |",
@@ -529,8 +624,8 @@ def _schedule_table(rows, title, ops, steps):
         return ""
     schedule = {n: n[len("invconv-"):-len("-cuda-graph")] for n in names}
     lines = ["", f"{title} (graph replays): ms, and in brackets time over the "
-             "default schedule's; / cuDNN: over cuDNN's conv2d (forward, or forward and "
-             "backward for the vjps).", "",
+             "default schedule's; / cuDNN: over cuDNN's conv2d as a graph replay "
+             "(cudnn-conv2d-graph; forward, or forward and backward for the vjps).", "",
              "| op | shape (B,C,H,W) | default ms | " + ("default us / step | " if steps else "")
              + "default / cuDNN | " + " | ".join(f"{schedule[n]} ms" for n in names) + " |",
              "|---|---|---|" + ("---|" if steps else "") + "---|" + "---|" * len(names)]
@@ -538,7 +633,7 @@ def _schedule_table(rows, title, ops, steps):
     for op, shape in dict.fromkeys((r["op"], tuple(r["shape"])) for r in rows
                                    if r["implementation"] in names):
         base = cell.get((op, shape, default))
-        cudnn = cell.get((CUDNN_COUNTERPART.get(op, op), shape, "cudnn-conv2d"))
+        cudnn = cell.get((CUDNN_COUNTERPART.get(op, op), shape, CUDNN_GRAPH))
         line = [op, str(shape)]
         if base:
             line.append(f"{base['median_ms']:.3f}")
@@ -565,6 +660,18 @@ def _positive_int(text):
     return value
 
 
+def _shape_list(text):
+    try:
+        shapes = [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",")
+                  if part.strip()]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 4 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected shapes like 100x1x28x28,4x3x256x256, "
+                                         f"got {text!r}")
+    return shapes
+
+
 def main(argv=None, parser_class=argparse.ArgumentParser):
     """``invconv bench``; ``parser_class`` lets the CLI report mistakes its own way."""
     p = parser_class(prog="invconv bench", description=__doc__.split("\n\n")[0])
@@ -579,7 +686,12 @@ def main(argv=None, parser_class=argparse.ArgumentParser):
     p.add_argument("--kernel-size", type=_positive_int, default=3)
     p.add_argument("--schedules", default="",
                    help="comma-separated solve or convolution schedules to time beside the "
-                        "default (GPU only), e.g. lanes,tiled,tiled:16x16,smem,smem:4")
+                        "default (GPU only), e.g. diagonal,lanes,diagonal:2,direct,smem:4")
+    p.add_argument("--shapes", type=_shape_list, default=None,
+                   help="comma-separated BxCxHxW shapes instead of the mode's own, "
+                        "e.g. 100x1x28x28,1x3x1024x1024")
+    p.add_argument("--row-budget-s", type=float, default=1.0,
+                   help="seconds of repeats per row after warm-up (at least 5 repeats)")
     args = p.parse_args(argv)
     schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
     from ._kernels import parse_schedule
@@ -605,8 +717,9 @@ def main(argv=None, parser_class=argparse.ArgumentParser):
         p.error("--device-check needs CuPy and a CUDA device")
     if args.cpu_suite:
         have_gpu = False
-    shapes = FLOW_SHAPES if (args.device_check or (have_gpu and not args.quick)) else QUICK_SHAPES
+    shapes = GPU_SHAPES if (args.device_check or (have_gpu and not args.quick)) else QUICK_SHAPES
     shapes = CPU_SHAPES if args.cpu_suite else shapes
+    shapes = args.shapes or shapes
     env = environment(have_gpu)
 
     def write(rows):  # after every shape, so a time-boxed run keeps what it measured
@@ -618,7 +731,8 @@ def main(argv=None, parser_class=argparse.ArgumentParser):
 
     rows = run(shapes, args.kernel_size, np.dtype(args.dtype), have_gpu,
                n_sets=4 if have_gpu else 2, repeats=30 if have_gpu else 10,
-               budget_s=1.0, dense_limit_bytes=8 << 30, skip_reference_above=2_000_000,
+               budget_s=args.row_budget_s, dense_limit_bytes=8 << 30,
+               skip_reference_above=REFERENCE_LIMIT_CHECK if args.device_check else 2_000_000,
                on_shape_done=write, schedules=schedules if have_gpu else ())
     if not rows:
         raise SystemExit("no benchmark rows were produced")
