@@ -176,8 +176,7 @@ def training_steps(device, repeats, budget_s, presets=TRAINING_PRESETS, batch=10
     preset: eager, and on CUDA captured (:class:`invconv.capture.CapturedStep`)."""
     import torch
 
-    from invconv import flows
-    from invconv.capture import CapturedStep
+    from invconv import capture, flows
 
     def sync():
         if device.type == "cuda":
@@ -192,9 +191,8 @@ def training_steps(device, repeats, budget_s, presets=TRAINING_PRESETS, batch=10
             v = flows.dequantize(torch.randint(0, 256, (batch, *shape))).to(device)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4,
                                          capturable=method == "graph")
-            step = CapturedStep(lambda b: -model.log_prob(b).mean(), model.parameters(),
-                                optimizer, 100.0, method=method)
-            for _ in range(step.warmup + 1):       # ActNorm's init, then the capture
+            step = _training_step(capture, model, optimizer, method)
+            for _ in range(4):       # ActNorm's init, the warm-up, then the capture
                 step(v)
             ms = per_call_us(lambda: step(v), sync, repeats, budget_s) / 1e3
             rows.append({"preset": preset, "method": method, "batch": batch, "ms": ms})
@@ -202,6 +200,23 @@ def training_steps(device, repeats, budget_s, presets=TRAINING_PRESETS, batch=10
     for r in rows:
         r["ratio_to_glow"] = r["ms"] / glow[r["method"]] if r["method"] in glow else None
     return rows
+
+
+def _training_step(capture, model, optimizer, method):
+    """One step: CapturedStep, or what the CLI ran before it existed (the
+    same operations, for timing older versions)."""
+    def loss_fn(b):
+        return -model.log_prob(b).mean()
+    if hasattr(capture, "CapturedStep"):
+        return capture.CapturedStep(loss_fn, model.parameters(), optimizer, 100.0, method=method)
+    import torch
+
+    def step(b):
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(b).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+        optimizer.step()
+    return step
 
 
 def run(shapes, k, device, dtype, repeats, budget_s, breakdown=True):
