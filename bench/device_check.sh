@@ -147,10 +147,10 @@ if [ "$part" = check ]; then
     --out "$out/ops.json" --markdown "$tables/ops.md"
   step timings bench_models bench.log 90 python3 bench/bench_models.py --methods eager graph \
     --out "$out/models.json" --markdown "$tables/models.md"
-  if [ -f bench/overhead.py ]; then
-    step timings call_cost bench.log 60 python3 bench/overhead.py --device cuda --quick \
-      --out "$out/overhead.json" --markdown "$tables/overhead.md"
-  fi
+  # per-call cost at the flow shapes and the training steps, eager and captured
+  # (about 50 s: 0.3 s a row)
+  step timings call_cost bench.log 100 python3 bench/overhead.py --device cuda --training \
+    --repeats 5 --budget 0.3 --out "$out/overhead.json" --markdown "$tables/overhead.md"
   step timings host_profile bench.log 20 python3 bench/profile_host.py --calls 300 \
     --out "$tables/host.txt"
 else
