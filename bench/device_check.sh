@@ -16,8 +16,8 @@
 # comma-separated, empty for none). Phase 2, timings, one at a
 # time with the GPU to themselves: the op bench with its fair rows
 # (graph replays against cuDNN's graph replays, every schedule beside the
-# default), the model bench, the call-cost bench (bench/overhead.py, where
-# it exists) and the host profile.
+# default), the model bench, the call-cost bench (bench/overhead.py: flow
+# shapes and training steps, eager and captured) and the host profile.
 #
 # Time: an estimate, not yet a measurement of this version (its parts were
 # timed separately on an H200 on 2026-11-28: GPU tests 44 s serially,
