@@ -362,3 +362,26 @@ def test_format_1_checkpoints_still_load(tmp_path):
     assert loaded.config == model.config
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_a_captured_runs_optimizer_state_resumes_eagerly():
+    # A checkpoint of `train --captured` holds Adam's state with capturable=True
+    # (step counters as float32 tensors on the parameters' device); resumed
+    # without --captured, on the CPU, Adam would refuse its first step.
+    p = torch.nn.Parameter(torch.ones(3))
+    captured = torch.optim.Adam([p], lr=0.1, capturable=True)
+    captured.state[p] = {"step": torch.tensor(5.0), "exp_avg": torch.zeros(3),
+                         "exp_avg_sq": torch.zeros(3)}
+    state = captured.state_dict()
+    eager = torch.optim.Adam([p], lr=0.1)
+    eager.load_state_dict(state)
+    p.grad = torch.ones(3)
+    with pytest.raises(AssertionError, match="capturable=True"):
+        eager.step()                    # what the CLI met before _set_capturable
+    eager.load_state_dict(state)
+    cli._set_capturable(eager, False)
+    assert eager.param_groups[0]["capturable"] is False
+    eager.step()
+    assert float(eager.state[p]["step"]) == 6.0 and eager.state[p]["step"].device.type == "cpu"
+    cli._set_capturable(eager, True)
+    assert eager.state[p]["step"].dtype == torch.float32
