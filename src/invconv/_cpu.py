@@ -91,7 +91,10 @@ from ._api import Conv, effective_weight
 
 _IM2COL_ELEMENTS = 1 << 18      # im2col chunk bound in elements (about L2-sized)
 _PLAN_ENTRIES = 32              # plan cache bound: entries ...
-_PLAN_BYTES = 256 << 20         # ... and bytes of index arrays
+_PLAN_BYTES = 256 << 20         # ... and bytes of index arrays (never exceeded)
+_PLAN_MAX_BYTES = 64 << 20      # a larger plan is not built: the plan-free walk runs
+_WORK_BYTES = 256 << 20         # bound of a call's folded operators (beyond the images)
+_PATTERN_CACHE_BYTES = 8 << 20  # fold patterns larger than this are not cached
 _TRANSPOSE_IMAGES = 8           # batch block of the layout changes (measured)
 
 
@@ -329,6 +332,14 @@ _plans_bytes = [0]
 _plans_lock = threading.Lock()
 
 
+def _plan_bytes(C, H, W, kh, kw, th, tw) -> int:
+    """The bytes of :class:`_Plan`'s index arrays, before building it."""
+    tiles = -(-H // th) * -(-W // tw)
+    rows = C * th * tw * tiles + C * H * W + 1
+    entries = C * (th + kh - 1) * (tw + kw - 1) * tiles + C * H * W
+    return entries * (4 if rows < 2**31 else 8)
+
+
 def _plan(C, H, W, kh, kw, th, tw) -> _Plan:
     key = (C, H, W, kh, kw, th, tw)
     with _plans_lock:
@@ -338,18 +349,38 @@ def _plan(C, H, W, kh, kw, th, tw) -> _Plan:
             return plan
     plan = _Plan(*key)  # built outside the lock; plans are immutable once built
     with _plans_lock:
-        if key not in _plans:
+        # a plan over the byte bound serves its call only: never cached
+        if key not in _plans and plan.nbytes <= _PLAN_BYTES:
             _plans[key] = plan
             _plans_bytes[0] += plan.nbytes
-            while len(_plans) > 1 and (len(_plans) > _PLAN_ENTRIES
-                                       or _plans_bytes[0] > _PLAN_BYTES):
-                _, old = _plans.popitem(last=False)
-                _plans_bytes[0] -= old.nbytes
-        return _plans[key]
+        while _plans and (len(_plans) > _PLAN_ENTRIES or _plans_bytes[0] > _PLAN_BYTES):
+            _, old = _plans.popitem(last=False)
+            _plans_bytes[0] -= old.nbytes
+        return _plans.get(key, plan)
 
 
-@functools.lru_cache(maxsize=16)   # each about the size of one folded operator
+def _pattern_bytes(C, kh, kw, th, tw) -> int:
+    """About the bytes :func:`_fold_pattern` keeps: two int64 entries a tap
+    and pixel pair, and the boolean reach."""
+    P, Q = th * tw, (th + kh - 1) * (tw + kw - 1)
+    return 2 * 8 * C * C * P * kh * kw + C * P * C * Q
+
+
+def _fold_bytes(C, kh, kw, th, tw) -> int:
+    """About the peak bytes of one :func:`_folded_operator` call (float64
+    system, right-hand side, solution and pattern, transients included)."""
+    P, Q = th * tw, (th + kh - 1) * (tw + kw - 1)
+    return 8 * (C * P) ** 2 + 3 * 8 * C * P * C * Q + 3 * _pattern_bytes(C, kh, kw, th, tw)
+
+
 def _fold_pattern(C, kh, kw, th, tw):
+    if _pattern_bytes(C, kh, kw, th, tw) > _PATTERN_CACHE_BYTES:
+        return _fold_pattern_cached.__wrapped__(C, kh, kw, th, tw)
+    return _fold_pattern_cached(C, kh, kw, th, tw)
+
+
+@functools.lru_cache(maxsize=16)   # each at most _PATTERN_CACHE_BYTES
+def _fold_pattern_cached(C, kh, kw, th, tw):
     """Where the taps go in the folded operator's system, for one (C, kh, kw,
     Th, Tw); rows (channel, tile pixel), columns (channel, tile or window pixel).
 
@@ -454,9 +485,22 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
     kh, kw = blocks.shape[:2]
     cg = C // groups
     th, tw = _tile(B, cg, H, W, kh, kw)
-    from . import _cpu_rows         # (imports this module)
+    from . import _cpu_rows, _cpu_walk          # (they import this module)
     if _cpu_rows.chosen(B, cg, H, W, kh, kw, groups, (th, tw)):
         return _cpu_rows.solve(rhs, blocks, flip_rows, flip_cols, groups)
+    if _fold_bytes(cg, kh, kw, th, tw) > _WORK_BYTES:
+        th, tw = 1, 1                           # the smallest fold: C x C kh kw
+        if _fold_bytes(cg, kh, kw, th, tw) > _WORK_BYTES:
+            raise MemoryError(
+                f"inv_conv2d on the cpu backend: {B}x{C}x{H}x{W} images with a {kh}x{kw} "
+                f"kernel ({cg} channels a group, taps beyond the image dropped) need a "
+                f"folded operator of about {_fold_bytes(cg, kh, kw, 1, 1) / 2**20:.0f} MiB "
+                f"even on 1x1 tiles, over the backend's bound of {_WORK_BYTES / 2**20:.0f} "
+                f"MiB (invconv._cpu._WORK_BYTES); the reference backend needs about 60 "
+                f"bytes per weight tap and pixel, "
+                f"{60 * C * cg * kh * kw * H * W / 2**30:.1f} GiB here")
+    if _plan_bytes(C, H, W, kh, kw, th, tw) > _PLAN_MAX_BYTES:
+        return _cpu_walk.walk(rhs, blocks, flip_rows, flip_cols, groups, th, tw)
     plan = _plan(C, H, W, kh, kw, th, tw)
     ops = np.stack([_folded_operator(blocks[:, :, s, s], th, tw, rhs.dtype)
                     for s in (slice(g * cg, (g + 1) * cg) for g in range(groups))])

@@ -71,9 +71,9 @@ def chosen(B, cg, H, W, kh, kw, groups, wave_tile):
     short, long_ = min(H, W), max(H, W)
     k_long = kw if W >= H else kh
     n, p = cg * short, min(k_long, long_) - 1
-    if n > _CHUNK_VALUES // 2:
-        return False
     L = _chunk(n, p, long_)
+    if n > _CHUNK_VALUES // 2 or n * L > 4 * _CHUNK_VALUES:   # T at most 256^2
+        return False
     values = B * groups * n * long_
     blocked = _BLOCKED_S + values * (n * L + n * p) * (1 + p / L) * _FLOP_S
     th, tw = wave_tile
