@@ -266,6 +266,14 @@ def _tile(B, C, H, W, kh, kw):
     return min(th, H), min(tw, W)
 
 
+def _tile_windows(a, shape, th, tw):
+    """Read-only view (C, rows, columns, tiles) of a (C, ., .) array from its
+    origin: tile t's window starts t * th rows down and t * tw columns left."""
+    sC, sH, sW = a.strides
+    return np.lib.stride_tricks.as_strided(a, shape=shape, strides=(sC, sH, sW, th * sH - tw * sW),
+                                           writeable=False)
+
+
 class _Plan:
     """Gather indices of the tiled wavefront for one (C, H, W, kh, kw, Th, Tw).
 
@@ -308,22 +316,26 @@ class _Plan:
         solution = (start[step] + ((h % th) * tw + w % tw) * tile_count
                     + h // th - np.asarray(first)[step])
         solution_stride = P * tile_count
-        y = self.y_row + h * W + w
         channel = np.arange(C)[:, None, None]
         self.final = (solution + channel * solution_stride)[:, :H, :W].reshape(-1).astype(index)
-        qr, qc = (a.reshape(-1, 1) for a in np.indices((wh, ww)))
-        own = (qr >= kh - 1) & (qc >= kw - 1)
+        # Index images: the row of each pixel's solution (zero-padded with
+        # the zero row above/left of the image and over the tile overhang)
+        # and of its y.  A step's gather is then one strided window view per
+        # index image (tile i + 1's window is th rows down, tw columns left
+        # of tile i's) copied out: two copies a step, no per-entry arithmetic
+        # (a first call was dominated by building the plan otherwise).
+        grid = np.full((C, kh - 1 + ni * th, kw - 1 + nj * tw), self.zero_row, dtype=index)
+        grid[:, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W] = self.final.reshape(C, H, W)
+        ys = np.full((C, ni * th, nj * tw), self.zero_row, dtype=index)
+        ys[:, :H, :W] = (self.y_row + np.arange(C * H * W)).reshape(C, H, W)
         self.gather = []
         for d in range(steps):
-            i = np.arange(first[d], first[d] + tiles[d])[None, :]
-            ph = i * th + qr - (kh - 1)                    # (window pixel, tile)
-            pw = (d - i) * tw + qc - (kw - 1)
-            inside = (ph >= 0) & (pw >= 0) & (ph < H) & (pw < W)
-            ph, pw = np.where(inside, ph, 0), np.where(inside, pw, 0)
-            row = np.where(own, y[ph, pw], solution[ph, pw])
-            stride = np.where(own, H * W, solution_stride[ph, pw])
-            rows = np.where(inside[None], row[None] + channel * stride[None], self.zero_row)
-            self.gather.append(rows.reshape(-1).astype(index))
+            i0, count = first[d], int(tiles[d])
+            g = np.empty((C, wh, ww, count), dtype=index)
+            g[...] = _tile_windows(grid[:, i0 * th:, (d - i0) * tw:], (C, wh, ww, count), th, tw)
+            g[:, kh - 1:, kw - 1:] = _tile_windows(ys[:, i0 * th:, (d - i0) * tw:],
+                                                   (C, th, tw, count), th, tw)
+            self.gather.append(g.reshape(-1))
         self.nbytes = sum(a.nbytes for a in self.gather) + self.final.nbytes
 
 
