@@ -32,16 +32,26 @@ def walk(rhs, blocks, flip_rows, flip_cols, groups, th, tw):
     kh, kw = blocks.shape[:2]
     G, cg = groups, C // groups
     ni, nj = -(-H // th), -(-W // tw)
-    wh, ww = th + kh - 1, tw + kw - 1
-    P, Q = th * tw, wh * ww
+    Q = (th + kh - 1) * (tw + kw - 1)
     # the row form: windows (tile, image) x (channel, window pixel) times op^T
     ops = np.stack([_folded_operator(blocks[:, :, s, s], th, tw, rhs.dtype).T
                     for s in (slice(g * cg, (g + 1) * cg) for g in range(G))])
     img = np.zeros((B, C, kh - 1 + ni * th, kw - 1 + nj * tw), dtype=rhs.dtype)
     img[:, :, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W] = _flip(rhs, flip_rows, flip_cols)
+    piece = max(1, _STEP_BYTES // (B * C * Q * img.itemsize))
+    with np.errstate(over="ignore", invalid="ignore"):   # the caller checks the result
+        _steps(img, ops, ni, nj, th, tw, kh, kw, H, W, G, cg, B, piece)
+    out = np.empty_like(rhs)
+    _flip(out, flip_rows, flip_cols)[...] = img[:, :, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W]
+    return out
+
+
+def _steps(img, ops, ni, nj, th, tw, kh, kw, H, W, G, cg, B, piece):
+    """The wavefront's steps on the padded image, in place."""
+    wh, ww = th + kh - 1, tw + kw - 1
+    Q = wh * ww
     sB, sC, sH, sW = img.strides
     tile_stride = th * sH - tw * sW        # tile (i + 1, j - 1) from tile (i, j)
-    piece = max(1, _STEP_BYTES // (B * C * Q * img.itemsize))
     for d in range(ni + nj - 1):
         first, last = max(0, d - nj + 1), min(ni, d + 1)     # tile rows of this diagonal
         for i0 in range(first, last, piece):
@@ -62,6 +72,3 @@ def walk(rhs, blocks, flip_rows, flip_cols, groups, th, tw):
         if nj * tw > W and d - (nj - 1) >= 0:
             i = d - (nj - 1)
             img[:, :, kh - 1 + i * th:kh - 1 + (i + 1) * th, kw - 1 + W:] = 0
-    out = np.empty_like(rhs)
-    _flip(out, flip_rows, flip_cols)[...] = img[:, :, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W]
-    return out
