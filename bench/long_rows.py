@@ -117,6 +117,8 @@ def cases(quick):
              repeats=9, lfilter=True),
         dict(name=f"row 5x5 kernel 1x1x1x{n}", shape=[1, 1, 1, n], kernel=[5, 5],
              dtype="float64", repeats=9, lfilter=True),
+        dict(name=f"row 1x1x1x{15 * n}", shape=[1, 1, 1, 15 * n], kernel=[1, 5],
+             dtype="float64", repeats=3, lfilter=True),
         dict(name=f"1x3x{big}^2 k=31", shape=[1, 3, big, big], kernel=[31, 31],
              dtype="float32", repeats=1),
         dict(name=f"1x3x{big}^2 k=127", shape=[1, 3, big, big], kernel=[127, 127],

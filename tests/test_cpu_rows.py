@@ -339,7 +339,7 @@ def test_long_rows_benchmark_quick(tmp_path):
     out, md = tmp_path / "rows.json", tmp_path / "rows.md"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, str(root / "bench" / "long_rows.py"), "--quick",
-                           "--only", "row 1x1", "--src", src, "--out", str(out),
+                           "--only", "row 1x1x1x20000", "--src", src, "--out", str(out),
                            "--markdown", str(md)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
