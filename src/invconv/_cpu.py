@@ -68,6 +68,30 @@ channels, 2 x 1 from 4.  One channel: 4 x 4.  Two or three channels: 1 x 2
 for 32 images or more, 4 x 2 from 4 images, 4 x 4 below that (one large
 image: fewer, wider steps).  Tiles are clipped to the image.
 
+Which algorithm (``_wavefront``), in this order.  Taps that reach beyond
+the image are dropped first (they never read it).  A thin image (one side a
+few pixels, the other long) is solved by the blocked recurrence of
+:mod:`invconv._cpu_rows` when its measured cost model says it is cheaper
+(``_cpu_rows.chosen``: H + W - 1 wavefront steps of Python overhead
+against a fixed number of whole-image GEMMs).  Otherwise the tiled
+wavefront runs, with a gather plan when the plan (its size computed by
+``_plan_bytes`` before it is built) is at most ``_PLAN_MAX_BYTES``, and
+else the plan-free walk of :mod:`invconv._cpu_walk` (strided window views,
+no index arrays; measured faster than the plan at k = 31, slower at k = 3).
+
+Memory bound.  Beyond a few image-sized arrays (the input, the output, the
+solutions and y: at most about 5 inputs with the tile padding), a call
+holds at most one plan of ``_PLAN_MAX_BYTES`` (64 MiB), the folded
+operators of about ``_fold_bytes`` (at most ``_WORK_BYTES``, 256 MiB: a
+fold over it on the chosen tile is made on 1 x 1 tiles instead, and a size
+whose 1 x 1 fold is still over it is refused with a MemoryError naming the
+sizes before anything large is allocated) and one step's windows (at most
+``_cpu_walk._STEP_BYTES`` on the walk).  The plan cache never holds more
+than ``_PLAN_BYTES`` (a plan over it serves its call only); fold patterns
+over ``_PATTERN_CACHE_BYTES`` are not cached.  For comparison the SciPy
+reference needs about 60 bytes per weight tap and pixel (C C_g kh kw H W
+entries of its sparse matrix, with the COO indices while it is built).
+
 NaN and Inf.  A folded operator and a padded window multiply every entry of
 the window, so one non-finite value would turn into NaN on outputs that do
 not depend on it (``0 * Inf``).  So each call first checks its inputs (the

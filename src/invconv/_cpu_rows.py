@@ -31,16 +31,23 @@ and rounded once to the input dtype.  For a kernel whose recurrence grows
 that overflows is not finite, and the caller then recomputes the call by
 the reference (the NaN/Inf contract of :mod:`invconv._cpu`).
 
-Rule (:func:`chosen`): a cost model in seconds, one thread, measured on the
-project's 2-core AMD EPYC machine on 2026-12-04 (see bench/README.md):
-the wavefront pays ``_STEP_S`` a step (Python, the gather and GEMM calls)
-plus its multiply-adds; the blocked recurrence ``_BLOCKED_S`` a call plus
-its multiply-adds (2 n L + 2 d a value at level 0, the levels above are
-smaller by L / (kw - 1)).  The cheaper one runs.  Memory: the chunk's
-operators are (n L)^2 and n L d values; n L is at most ``_CHUNK_VALUES``,
-so the rule never picks this path for a large n (then the wavefront's
-tiles are cheaper anyway); the scratch is three arrays the size of the
-input.
+Rule (:func:`chosen`): a cost model in seconds, one thread, fitted on the
+project's 2-core AMD EPYC machine on 2026-12-04 to a sweep of B in {1, 16},
+C in {1, 3}, H in {1, 2, 4, 8, 16}, W in {64, 256, 2048}, k = 3, float32,
+each shape solved both ways (the model picks the faster one except near
+ties, within 1.5x either way; the machine was shared, so +-30%).  The
+wavefront pays ``_WAVE_S`` a call, ``_STEP_S`` a step (Python, the gather's
+and the GEMM's calls) and ``_GATHER_S`` a gathered window entry; the
+blocked recurrence ``_BLOCKED_S`` a call and ``_FLOP_S`` a multiply-add,
+(n L + n (kw - 1)) (1 + (kw - 1) / L) a value.  The cheaper one runs.  In
+practice: 1-channel rows from a few hundred pixels, 3-channel rows and
+images up to about 4 rows high from a thousand or two.  Never when
+n > ``_CHUNK_VALUES`` / 2 or the chunk operator T would pass 256 x 256 (a
+long kernel along the row: L >= 2 (kw - 1)), so T, R and Phi's powers stay
+below a megabyte; the scratch is about three arrays the size of the input.
+Chunk length: n L near ``_CHUNK_VALUES`` (64), at least 2 (kw - 1), so each
+scan level has fewer states than the one below (measured at N = 200,000:
+n L = 32-64 best for one channel, 64-128 for three).
 """
 from __future__ import annotations
 
