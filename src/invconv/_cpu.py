@@ -521,7 +521,6 @@ def _wavefront(rhs, blocks, flip_rows, flip_cols, groups):
     kh, kw = blocks.shape[:2]
     cg = C // groups
     th, tw = _tile(B, cg, H, W, kh, kw)
-    from . import _cpu_rows, _cpu_walk          # (they import this module)
     if _cpu_rows.chosen(B, cg, H, W, kh, kw, groups, (th, tw)):
         return _cpu_rows.solve(rhs, blocks, flip_rows, flip_cols, groups)
     if _fold_bytes(cg, kh, kw, th, tw) > _WORK_BYTES:
@@ -628,3 +627,6 @@ def _weight_grad(grad_out, x, scale, conv: Conv):
     out = _flip(out, conv.row_sign > 0, conv.col_sign > 0) * np.asarray(scale, dtype=x.dtype)
     out[conv.ignored_mask()] = 0
     return out
+
+
+from . import _cpu_rows, _cpu_walk  # noqa: E402  (last: they import this module's helpers)
