@@ -30,6 +30,8 @@ THIN = [
     (1, 3, 1, 130, 2, 2, 3),
     (1, 2, 3, 67, 5, 5, 2),
     (3, 1, 97, 1, 6, 2, 1),
+    (1, 1, 1, 257, 1, 3, 1),       # one image, one channel: written in place where it can
+    (1, 4, 80, 2, 3, 2, 2),        # a column with groups
 ]
 
 
