@@ -35,7 +35,6 @@ left (``-1`` for right).  The kernels and the reference share this form.
 """
 from __future__ import annotations
 
-import functools
 import numbers
 from dataclasses import dataclass
 
@@ -90,28 +89,7 @@ class Conv:
 
     def ignored_mask(self) -> np.ndarray:
         """Boolean ``(C, C_g, kh, kw)``: True where the weight is never read."""
-        return _masking(self)[0].copy()
-
-    def _build_masking(self):
-        cg = self.group_channels
-        out_local = np.arange(self.channels)[:, None] % cg
-        in_local = np.arange(cg)[None, :]
-        block = in_local > out_local
-        if self.unit_diagonal:
-            block = block | (in_local == out_local)
-        mask = np.zeros((self.channels, cg, self.kh, self.kw), dtype=bool)
-        u0, v0 = self.same_pixel_tap
-        mask[:, :, u0, v0] = block
-        return mask
-
-    def _build_fill(self, dtype):
-        """What ignored entries read as: 1 on a unit diagonal, else 0."""
-        fill = np.zeros((self.channels, self.group_channels, self.kh, self.kw), dtype=dtype)
-        if self.unit_diagonal:
-            u0, v0 = self.same_pixel_tap
-            c = np.arange(self.channels)
-            fill[c, c % self.group_channels, u0, v0] = 1
-        return fill
+        return ignored(self).copy()
 
     def diagonal(self, weight):
         """The stored same-pixel diagonal ``W[c, c % C_g, u0, v0]``, shape (C,)."""
@@ -120,10 +98,27 @@ class Conv:
         return weight[c, c % self.group_channels, u0, v0]
 
 
-@functools.lru_cache(maxsize=256)
-def _masking(conv: Conv, dtype=np.float64):
-    """(ignored mask, fill of ``dtype``) of ``conv``: read-only, built once."""
-    return _cache.frozen(conv._build_masking(), conv._build_fill(np.dtype(dtype)))
+# Ignored-entry masks by Conv, built once: bounded in bytes too, since a
+# mask is as large as the weight.
+_ignored_masks = _cache.BoundedCache(max_entries=256, max_bytes=64 << 20)
+
+
+def _build_ignored(conv: Conv) -> np.ndarray:
+    cg = conv.group_channels
+    out_local = np.arange(conv.channels)[:, None] % cg
+    in_local = np.arange(cg)[None, :]
+    block = in_local > out_local
+    if conv.unit_diagonal:
+        block = block | (in_local == out_local)
+    mask = np.zeros((conv.channels, cg, conv.kh, conv.kw), dtype=bool)
+    u0, v0 = conv.same_pixel_tap
+    mask[:, :, u0, v0] = block
+    return _cache.frozen(mask)
+
+
+def ignored(conv: Conv) -> np.ndarray:
+    """:meth:`Conv.ignored_mask`, read-only and shared (for the hot paths)."""
+    return _ignored_masks.get_or_build(conv, lambda: _build_ignored(conv), lambda m: m.nbytes)
 
 
 def effective_weight(weight, conv: Conv):
@@ -133,8 +128,12 @@ def effective_weight(weight, conv: Conv):
     multiplied, so a NaN stored there cannot leak into results.
     """
     xp = _array_module(weight)
-    mask, fill = _masking(conv, weight.dtype)
-    return xp.where(xp.asarray(mask), xp.asarray(fill), weight)
+    out = xp.where(xp.asarray(ignored(conv)), xp.zeros((), dtype=weight.dtype), weight)
+    if conv.unit_diagonal:
+        u0, v0 = conv.same_pixel_tap
+        c = xp.arange(conv.channels)
+        out[c, c % conv.group_channels, u0, v0] = 1
+    return out
 
 
 # --------------------------------------------------------------------------

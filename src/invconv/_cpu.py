@@ -68,6 +68,30 @@ channels, 2 x 1 from 4.  One channel: 4 x 4.  Two or three channels: 1 x 2
 for 32 images or more, 4 x 2 from 4 images, 4 x 4 below that (one large
 image: fewer, wider steps).  Tiles are clipped to the image.
 
+Which algorithm (``_wavefront``), in this order.  Taps that reach beyond
+the image are dropped first (they never read it).  A thin image (one side a
+few pixels, the other long) is solved by the blocked recurrence of
+:mod:`invconv._cpu_rows` when its measured cost model says it is cheaper
+(``_cpu_rows.chosen``: H + W - 1 wavefront steps of Python overhead
+against a fixed number of whole-image GEMMs).  Otherwise the tiled
+wavefront runs, with a gather plan when the plan (its size computed by
+``_plan_bytes`` before it is built) is at most ``_PLAN_MAX_BYTES``, and
+else the plan-free walk of :mod:`invconv._cpu_walk` (strided window views,
+no index arrays; measured faster than the plan at k = 31, slower at k = 3).
+
+Memory bound.  Beyond a few image-sized arrays (the input, the output, the
+solutions and y: at most about 5 inputs with the tile padding), a call
+holds at most one plan of ``_PLAN_MAX_BYTES`` (64 MiB), the folded
+operators of about ``_fold_bytes`` (at most ``_WORK_BYTES``, 256 MiB: a
+fold over it on the chosen tile is made on 1 x 1 tiles instead, and a size
+whose 1 x 1 fold is still over it is refused with a MemoryError naming the
+sizes before anything large is allocated) and one step's windows (at most
+``_cpu_walk._STEP_BYTES`` on the walk).  The plan cache never holds more
+than ``_PLAN_BYTES`` (a plan over it serves its call only); fold patterns
+over ``_PATTERN_CACHE_BYTES`` are not cached.  For comparison the SciPy
+reference needs about 60 bytes per weight tap and pixel (C C_g kh kw H W
+entries of its sparse matrix, with the COO indices while it is built).
+
 NaN and Inf.  A folded operator and a padded window multiply every entry of
 the window, so one non-finite value would turn into NaN on outputs that do
 not depend on it (``0 * Inf``).  So each call first checks its inputs (the
@@ -83,16 +107,20 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import threading
 
 import numpy as np
 
 from . import _cache
-from ._api import Conv, _masking, effective_weight
+from ._api import Conv, effective_weight, ignored
 
 _IM2COL_ELEMENTS = 1 << 18      # im2col chunk bound in elements (about L2-sized)
 _PLAN_ENTRIES = 32              # plan cache bound: entries ...
-_PLAN_BYTES = 256 << 20         # ... and bytes of index arrays
+_PLAN_BYTES = 256 << 20         # ... and bytes of index arrays (never exceeded)
+_PLAN_MAX_BYTES = 64 << 20      # a larger plan is not built: the plan-free walk runs
+_WORK_BYTES = 256 << 20         # bound of a call's folded operators (beyond the images)
+_PATTERN_CACHE_BYTES = 8 << 20  # fold patterns larger than this are not cached
 _TRANSPOSE_IMAGES = 8           # batch block of the layout changes (measured)
 
 
@@ -108,8 +136,8 @@ def _flip(a, rows: bool, cols: bool):
 class _Operator:
     """The blocks of one (adjoint) operator, as :func:`_blocks` returns them.
 
-    ``key`` identifies the weight values and options exactly (the weight's
-    bytes), so work derived from the blocks alone (the folded tile operators,
+    ``key`` identifies the weight values and options (a digest of the
+    weight's bytes), so work derived from the blocks alone (the folded tile operators,
     the convolution's GEMM matrix) is cached under it: a repeated call with
     the same weight, and the solve and vjp of one training step, fold once.
     """
@@ -122,7 +150,7 @@ class _Operator:
         self.finite = bool(np.isfinite(blocks).all())
 
 
-# Operators and what is derived from them, by weight bytes: bounded so that a
+# Operators and what is derived from them, by weight digest: bounded so that a
 # training run (a new weight every step) only ever holds the newest few.
 _derived = _cache.BoundedCache(max_entries=64, max_bytes=64 << 20)
 
@@ -135,7 +163,10 @@ def _blocks(weight, conv: Conv, adjoint: bool) -> _Operator:
     flipping the axes whose sign is -1 makes it read (h - du, w - dv).  The
     adjoint reads (h + rs*du, w + cs*dv) with A^T: flip the other axes.
     """
-    key = ("blocks", conv, adjoint, weight.dtype.str, weight.shape, weight.tobytes())
+    # A digest, not the bytes themselves: a key must not hold a copy of a
+    # large weight (blake2b: a collision is not a practical concern).
+    digest = hashlib.blake2b(np.ascontiguousarray(weight).data, digest_size=20).digest()
+    key = ("blocks", conv, adjoint, weight.dtype.str, weight.shape, digest)
     return _derived.get_or_build(key, lambda: _build_blocks(key, weight, conv, adjoint),
                                  lambda op: 2 * op.blocks.nbytes)
 
@@ -304,6 +335,14 @@ def _tile(B, C, H, W, kh, kw):
     return min(th, H), min(tw, W)
 
 
+def _tile_windows(a, shape, th, tw):
+    """Read-only view (C, rows, columns, tiles) of a (C, ., .) array from its
+    origin: tile t's window starts t * th rows down and t * tw columns left."""
+    sC, sH, sW = a.strides
+    return np.lib.stride_tricks.as_strided(a, shape=shape, strides=(sC, sH, sW, th * sH - tw * sW),
+                                           writeable=False)
+
+
 class _Plan:
     """Gather indices of the tiled wavefront for one (C, H, W, kh, kw, Th, Tw).
 
@@ -346,28 +385,40 @@ class _Plan:
         solution = (start[step] + ((h % th) * tw + w % tw) * tile_count
                     + h // th - np.asarray(first)[step])
         solution_stride = P * tile_count
-        y = self.y_row + h * W + w
         channel = np.arange(C)[:, None, None]
         self.final = (solution + channel * solution_stride)[:, :H, :W].reshape(-1).astype(index)
-        qr, qc = (a.reshape(-1, 1) for a in np.indices((wh, ww)))
-        own = (qr >= kh - 1) & (qc >= kw - 1)
+        # Index images: the row of each pixel's solution (zero-padded with
+        # the zero row above/left of the image and over the tile overhang)
+        # and of its y.  A step's gather is then one strided window view per
+        # index image (tile i + 1's window is th rows down, tw columns left
+        # of tile i's) copied out: two copies a step, no per-entry arithmetic
+        # (a first call was dominated by building the plan otherwise).
+        grid = np.full((C, kh - 1 + ni * th, kw - 1 + nj * tw), self.zero_row, dtype=index)
+        grid[:, kh - 1:kh - 1 + H, kw - 1:kw - 1 + W] = self.final.reshape(C, H, W)
+        ys = np.full((C, ni * th, nj * tw), self.zero_row, dtype=index)
+        ys[:, :H, :W] = (self.y_row + np.arange(C * H * W)).reshape(C, H, W)
         self.gather = []
         for d in range(steps):
-            i = np.arange(first[d], first[d] + tiles[d])[None, :]
-            ph = i * th + qr - (kh - 1)                    # (window pixel, tile)
-            pw = (d - i) * tw + qc - (kw - 1)
-            inside = (ph >= 0) & (pw >= 0) & (ph < H) & (pw < W)
-            ph, pw = np.where(inside, ph, 0), np.where(inside, pw, 0)
-            row = np.where(own, y[ph, pw], solution[ph, pw])
-            stride = np.where(own, H * W, solution_stride[ph, pw])
-            rows = np.where(inside[None], row[None] + channel * stride[None], self.zero_row)
-            self.gather.append(rows.reshape(-1).astype(index))
+            i0, count = first[d], int(tiles[d])
+            g = np.empty((C, wh, ww, count), dtype=index)
+            g[...] = _tile_windows(grid[:, i0 * th:, (d - i0) * tw:], (C, wh, ww, count), th, tw)
+            g[:, kh - 1:, kw - 1:] = _tile_windows(ys[:, i0 * th:, (d - i0) * tw:],
+                                                   (C, th, tw, count), th, tw)
+            self.gather.append(g.reshape(-1))
         self.nbytes = sum(a.nbytes for a in self.gather) + self.final.nbytes
 
 
 _plans: collections.OrderedDict = collections.OrderedDict()
 _plans_bytes = [0]
 _plans_lock = threading.Lock()
+
+
+def _plan_bytes(C, H, W, kh, kw, th, tw) -> int:
+    """The bytes of :class:`_Plan`'s index arrays, before building it."""
+    tiles = -(-H // th) * -(-W // tw)
+    rows = C * th * tw * tiles + C * H * W + 1
+    entries = C * (th + kh - 1) * (tw + kw - 1) * tiles + C * H * W
+    return entries * (4 if rows < 2**31 else 8)
 
 
 def _plan(C, H, W, kh, kw, th, tw) -> _Plan:
@@ -379,18 +430,38 @@ def _plan(C, H, W, kh, kw, th, tw) -> _Plan:
             return plan
     plan = _Plan(*key)  # built outside the lock; plans are immutable once built
     with _plans_lock:
-        if key not in _plans:
+        # a plan over the byte bound serves its call only: never cached
+        if key not in _plans and plan.nbytes <= _PLAN_BYTES:
             _plans[key] = plan
             _plans_bytes[0] += plan.nbytes
-            while len(_plans) > 1 and (len(_plans) > _PLAN_ENTRIES
-                                       or _plans_bytes[0] > _PLAN_BYTES):
-                _, old = _plans.popitem(last=False)
-                _plans_bytes[0] -= old.nbytes
-        return _plans[key]
+        while _plans and (len(_plans) > _PLAN_ENTRIES or _plans_bytes[0] > _PLAN_BYTES):
+            _, old = _plans.popitem(last=False)
+            _plans_bytes[0] -= old.nbytes
+        return _plans.get(key, plan)
 
 
-@functools.lru_cache(maxsize=16)   # each about the size of one folded operator
+def _pattern_bytes(C, kh, kw, th, tw) -> int:
+    """About the bytes :func:`_fold_pattern` keeps: two int64 entries a tap
+    and pixel pair, and the boolean reach."""
+    P, Q = th * tw, (th + kh - 1) * (tw + kw - 1)
+    return 2 * 8 * C * C * P * kh * kw + C * P * C * Q
+
+
+def _fold_bytes(C, kh, kw, th, tw) -> int:
+    """About the peak bytes of one :func:`_folded_operator` call (float64
+    system, right-hand side, solution and pattern, transients included)."""
+    P, Q = th * tw, (th + kh - 1) * (tw + kw - 1)
+    return 8 * (C * P) ** 2 + 3 * 8 * C * P * C * Q + 3 * _pattern_bytes(C, kh, kw, th, tw)
+
+
 def _fold_pattern(C, kh, kw, th, tw):
+    if _pattern_bytes(C, kh, kw, th, tw) > _PATTERN_CACHE_BYTES:
+        return _fold_pattern_cached.__wrapped__(C, kh, kw, th, tw)
+    return _fold_pattern_cached(C, kh, kw, th, tw)
+
+
+@functools.lru_cache(maxsize=16)   # each at most _PATTERN_CACHE_BYTES
+def _fold_pattern_cached(C, kh, kw, th, tw):
     """Where the taps go in the folded operator's system, for one (C, kh, kw,
     Th, Tw); rows (channel, tile pixel), columns (channel, tile or window pixel).
 
@@ -499,12 +570,28 @@ def _wavefront(rhs, operator: _Operator, groups):
     operator block-diagonal, so each step is one batched GEMM over groups.
     """
     B, C, H, W = rhs.shape
-    blocks, flip_rows, flip_cols = operator.blocks, operator.flip_rows, operator.flip_cols
+    flip_rows, flip_cols = operator.flip_rows, operator.flip_cols
+    blocks = operator.blocks[:H, :W]    # taps reaching beyond the image never read it
     kh, kw = blocks.shape[:2]
     cg = C // groups
     th, tw = _tile(B, cg, H, W, kh, kw)
+    if _cpu_rows.chosen(B, cg, H, W, kh, kw, groups, (th, tw)):
+        return _cpu_rows.solve(rhs, blocks, flip_rows, flip_cols, groups)
+    if _fold_bytes(cg, kh, kw, th, tw) > _WORK_BYTES:
+        th, tw = 1, 1                           # the smallest fold: C x C kh kw
+        if _fold_bytes(cg, kh, kw, th, tw) > _WORK_BYTES:
+            raise MemoryError(
+                f"inv_conv2d on the cpu backend: {B}x{C}x{H}x{W} images with a {kh}x{kw} "
+                f"kernel ({cg} channels a group, taps beyond the image dropped) need a "
+                f"folded operator of about {_fold_bytes(cg, kh, kw, 1, 1) / 2**20:.0f} MiB "
+                f"even on 1x1 tiles, over the backend's bound of {_WORK_BYTES / 2**20:.0f} "
+                f"MiB (invconv._cpu._WORK_BYTES); the reference backend needs about 60 "
+                f"bytes per weight tap and pixel, "
+                f"{60 * C * cg * kh * kw * H * W / 2**30:.1f} GiB here")
+    if _plan_bytes(C, H, W, kh, kw, th, tw) > _PLAN_MAX_BYTES:
+        return _cpu_walk.walk(rhs, blocks, flip_rows, flip_cols, groups, th, tw)
     plan = _plan(C, H, W, kh, kw, th, tw)
-    ops = _derived_from(operator, ("folded", groups, th, tw),
+    ops = _derived_from(operator, ("folded", groups, kh, kw, th, tw),
                         lambda: _folded_operators(blocks, groups, th, tw))
     lead = () if groups == 1 else (groups,)
     z_rows, out_rows = cg * (th + kh - 1) * (tw + kw - 1), cg * th * tw
@@ -591,5 +678,8 @@ def _weight_grad(grad_out, x, scale, conv: Conv):
                                  conv.kh, conv.kw, conv.groups)
     # canonical offset (du, dv) is kernel tap (u, v) with u = kh-1-du for a padded top
     out = _flip(out, conv.row_sign > 0, conv.col_sign > 0) * np.asarray(scale, dtype=x.dtype)
-    out[_masking(conv)[0]] = 0
+    out[ignored(conv)] = 0
     return out
+
+
+from . import _cpu_rows, _cpu_walk  # noqa: E402  (last: they import this module's helpers)
