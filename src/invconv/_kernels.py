@@ -58,6 +58,9 @@ KERNELS = {
                     "conv_weight_grad_combine"),
     # The convolutions' "smem" schedule, compiled only when it is used.
     "conv_smem.cu": ("masked_conv_forward_smem", "masked_conv_adjoint_smem"),
+    # The fused spline of flows.SplineActivation (launched by invconv._spline).
+    "spline.cu": ("spline_forward", "spline_logdet_combine", "spline_backward",
+                  "spline_knot_grad_combine"),
 }
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 WG_TAPS = 9  # IC_WG_TAPS in backward.cu: partial sums per thread in the weight gradient
