@@ -83,11 +83,13 @@ if [ "$part" = kernels ] || [ "$part" = all ]; then
     step "memcheck[$schedule]" sanitizer.log 90 env INVCONV_CONV_SCHEDULE="$schedule" compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py
     step "racecheck[$schedule]" sanitizer.log 90 env INVCONV_CONV_SCHEDULE="$schedule" compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py
   done
+  step spline_gpu_tests gpu_tests.log 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_spline.py
   step bench_ops bench.log 300 python3 bench/bench_ops.py --device-check --schedules "$schedules${conv_schedules:+,$conv_schedules}" --out "$out/ops.json" --markdown "$tables/ops.md"
 fi
 if [ "$part" = models ] || [ "$part" = all ]; then
   step capture_tests gpu_tests.log 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_capture.py
   step bench_models bench.log 300 python3 bench/bench_models.py --out "$out/models.json" --markdown "$tables/models.md"
+  step bench_models_fused_spline bench.log 200 env INVCONV_SPLINE=fused python3 bench/bench_models.py --quick --methods eager graph --out "$out/models-fused-spline.json" --markdown "$tables/models-fused-spline.md"
   step bench_breakdown bench.log 180 python3 bench/bench_breakdown.py --out "$out/breakdown.json" --markdown "$tables/breakdown.md"
 fi
 if [ "$part" = sweeps ] || [ "$part" = all ]; then
