@@ -296,6 +296,39 @@ def test_op_traces_as_one_graph():
     torch.testing.assert_close(g, r_g)
 
 
+SPLINE_RACE_SCRIPT = """
+import numpy as np
+from invconv import _emulated, _spline
+
+rng = np.random.default_rng(0)
+kern = _spline.kernels("emulator")
+C, bins = 3, 4
+xk = np.sort(rng.uniform(-2, 2, (C, bins + 1)), 1)
+xk[:, 0], xk[:, -1] = -2, 2
+knots = np.stack([xk, xk + 0.0, rng.uniform(0.5, 2, (C, bins + 1))])
+t = rng.uniform(-2.5, 2.5, (3, C, 4, 5))
+for limits in ({}, {"block": 7, "target_blocks": 40}, {"block": 33, "max_grid": 2}):
+    with _emulated.launch_limits(**limits):
+        for inverse in (0, 1):
+            out, ld = kern.forward(t, knots, 2.0, inverse)
+            kern.backward(t, np.ones_like(t), np.ones(3), knots, 2.0, inverse)
+print("kernels ran")
+"""
+
+
+def test_spline_kernels_are_race_free_under_thread_sanitizer(tmp_path):
+    from invconv.emulator.racecheck import run_race_check, tsan_runtime
+    try:
+        tsan_runtime()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    script = tmp_path / "run_spline.py"
+    script.write_text(SPLINE_RACE_SCRIPT)
+    result = run_race_check([str(script)], timeout=600)
+    assert result.races == 0, result.report
+    assert result.returncode == 0 and "kernels ran" in result.stdout, result.report
+
+
 # --------------------------------------------------------------------------
 # the lean torch path against the spline as it was computed before
 
