@@ -17,6 +17,12 @@ at MNIST K = 4).  Before a captured method is timed its
 samples and log-densities are compared with eager ones (same latents); the
 largest differences are in the row.  ``--quick`` keeps K = 4, MNIST only,
 and fewer runs (for CPUs, where only eager runs).
+
+Each row also counts what one pass dispatches (``sampling_launches``,
+``forward_launches``), by the torch profiler around one call after warm-up:
+on CUDA the kernel launches (for a captured method, those the replay runs),
+on the CPU the top-level aten and invconv ops (operators called from Python,
+not the ops they call inside; views included), a proxy for launches.
 """
 from __future__ import annotations
 
@@ -52,6 +58,25 @@ def _model(preset, shape, K, device):
     with torch.no_grad():
         model.log_prob(torch.rand(100, *shape, device=device))   # ActNorm's data-dependent init
     return model.eval()
+
+
+def count_launches(fn, device):
+    """Kernel launches (CUDA) or top-level ops (CPU) of one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    def is_op(e):
+        return e.name.startswith(("aten::", "invconv::"))
+    return sum(1 for e in events if is_op(e) and (e.cpu_parent is None
+                                                  or not is_op(e.cpu_parent)))
 
 
 def _agreement(model, batch, method, device):
@@ -90,6 +115,11 @@ def run(device, quick, methods, compile_presets):
                                        runs=2 if quick else 5)
                         forward = _time(lambda: model.log_prob(batch, captured=captured),
                                         device, runs=2 if quick else 10)
+                        launches = (count_launches(lambda: model.sample(100, captured=captured),
+                                                   device),
+                                    count_launches(lambda: model.log_prob(batch,
+                                                                          captured=captured),
+                                                   device))
                 # A capture that failed ran eagerly: the row says so.
                 fell_back = any("running eagerly" in str(w.message) for w in caught)
                 row = dict(model=preset, dataset=dataset,
@@ -100,11 +130,12 @@ def run(device, quick, methods, compile_presets):
                            sampling_ms_100=sample[0], sampling_ms_std=sample[1],
                            forward_ms_batch100=forward[0], forward_ms_std=forward[1],
                            max_abs_diff_sample=diff[0], max_abs_diff_log_prob=diff[1],
-                           fell_back_to_eager=fell_back, device=str(device))
+                           fell_back_to_eager=fell_back, device=str(device),
+                           sampling_launches=launches[0], forward_launches=launches[1])
                 rows.append(row)
                 print(f"{dataset:8s} K={row['K']:2d} {preset:18s} {method:8s} sample "
                       f"{sample[0]:9.2f} ms  forward {forward[0]:9.2f} ms  "
-                      f"params {row['parameters']}"
+                      f"params {row['parameters']}  launches {launches[0]}/{launches[1]}"
                       + ("  (capture failed: eager)" if fell_back else ""), flush=True)
     return rows
 
@@ -115,14 +146,15 @@ def markdown(rows, env):
              "eager = layer by layer, graph = one CUDA-graph replay, compile = "
              "torch.compile(mode=\"reduce-overhead\").", "",
              "| dataset | K, L | model | params | method | sampling 100 (ms) | "
-             "forward batch 100 (ms) |",
-             "|---|---|---|---|---|---|---|"]
+             "forward batch 100 (ms) | launches sampling / forward |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['dataset']} | {r['K']}, {r['L']} | {r['model']} | "
                      f"{r['parameters']:,} | {r.get('method', 'eager')}"
                      f"{' (failed: eager)' if r.get('fell_back_to_eager') else ''} | "
                      f"{r['sampling_ms_100']:.2f} ± {r['sampling_ms_std']:.2f} | "
-                     f"{r['forward_ms_batch100']:.2f} ± {r['forward_ms_std']:.2f} |")
+                     f"{r['forward_ms_batch100']:.2f} ± {r['forward_ms_std']:.2f} | "
+                     f"{r.get('sampling_launches', '—')} / {r.get('forward_launches', '—')} |")
     return "\n".join(lines) + "\n"
 
 

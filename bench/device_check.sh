@@ -147,6 +147,10 @@ if [ "$part" = check ]; then
     --out "$out/ops.json" --markdown "$tables/ops.md"
   step timings bench_models bench.log 90 python3 bench/bench_models.py --methods eager graph \
     --out "$out/models.json" --markdown "$tables/models.md"
+  # the fused spline kernels (off by default until the GPU tests above pass them)
+  step timings bench_models_fused_spline bench.log 60 env INVCONV_SPLINE=fused \
+    python3 bench/bench_models.py --quick --methods eager graph \
+    --out "$out/models-fused-spline.json" --markdown "$tables/models-fused-spline.md"
   # per-call cost at the flow shapes and the training steps, eager and captured
   # (about 50 s: 0.3 s a row)
   step timings call_cost bench.log 100 python3 bench/overhead.py --device cuda --training \

@@ -173,6 +173,7 @@ def test_model_timings_quick(tmp_path):
                                           "snf-small", "snf-small-emerging"}
     assert all(r["sampling_ms_100"] > 0 and r["parameters"] > 0 for r in rows)
     assert {r["method"] for r in rows} == {"eager"}      # nothing is captured on the CPU
+    assert all(r["sampling_launches"] > 0 and r["forward_launches"] > 0 for r in rows)
 
 
 def test_layer_breakdown_quick(tmp_path):

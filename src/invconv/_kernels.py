@@ -71,6 +71,9 @@ KERNELS = {
     "solve_slices.cu": ("inv_conv_solve_slices", "inv_conv_solve_adjoint_slices"),
     # The convolutions' "smem" schedule (the default), compiled on first use.
     "conv_smem.cu": ("masked_conv_forward_smem", "masked_conv_adjoint_smem"),
+    # The fused spline of flows.SplineActivation (launched by invconv._spline).
+    "spline.cu": ("spline_forward", "spline_logdet_combine", "spline_backward",
+                  "spline_knot_grad_combine"),
 }
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 WG_TAPS = 9  # IC_WG_TAPS in backward.cu: partial sums per thread in the weight gradient
