@@ -69,6 +69,8 @@ KERNELS = {
                     "conv_weight_grad_partial", "conv_weight_grad_combine"),
     # The solves' "slices" schedule (off by default), compiled on first use.
     "solve_slices.cu": ("inv_conv_solve_slices", "inv_conv_solve_adjoint_slices"),
+    # The solves' "bands" schedule (off by default), compiled on first use.
+    "solve_bands.cu": ("inv_conv_solve_bands", "inv_conv_solve_adjoint_bands"),
     # The convolutions' "smem" schedule (the default), compiled on first use.
     "conv_smem.cu": ("masked_conv_forward_smem", "masked_conv_adjoint_smem"),
 }
@@ -105,7 +107,8 @@ def conv_channels_per_thread(group_channels: int) -> int:
 
 # The members of IcParams (kernels/common.cuh), in order; all int32.
 PARAM_FIELDS = ("B", "C", "H", "W", "G", "cg", "kh", "kw", "rs", "cs", "unit",
-                "kp_in_smem", "slice_in_smem", "nsplit", "lanes", "w_in_smem", "slices")
+                "kp_in_smem", "slice_in_smem", "nsplit", "lanes", "w_in_smem", "slices",
+                "band_rows", "bands")
 PARAMS_DTYPE = np.dtype([(name, np.int32) for name in PARAM_FIELDS])
 
 
@@ -126,11 +129,15 @@ def kernel_params(shape, conv: Conv, **choices) -> np.ndarray:
     return params
 
 
-SCHEDULES = ("auto", "diagonal", "lanes", "slices")
+SCHEDULES = ("auto", "diagonal", "lanes", "slices", "bands")
 # (image, group) slices a block of schedule slices (slices:S); 4 when none
 # are named.
 SLICES_PER_BLOCK = (2, 4, 8)
 DEFAULT_SLICES = 4
+# Rows a band of schedule bands (bands:R) when none are named; the launcher
+# raises R to kh - 1 and halves it until a band with its halo fits shared
+# memory (1x3x1024x1024 float32 on an H200: R = 8, 120 KiB).
+DEFAULT_BAND_ROWS = 32
 # Schedules removed by measurement: what naming one says.
 REMOVED_SCHEDULES = {
     "tiled": "the tiled schedule was removed: it took 1.14-1.98x the time of diagonal at "
@@ -176,6 +183,7 @@ class SolveSchedule:
     kind: str = "auto"
     channels: int = 1          # per thread; schedule auto picks its own
     slices: int = 1            # a block; schedule slices only
+    band_rows: int = 0         # rows a band (most); schedule bands only
 
     def choice(self, adjoint: bool, group_channels: int, H: int, W: int):
         """``(lanes, channels a thread)`` for one solve."""
@@ -188,12 +196,13 @@ class SolveSchedule:
         """``"auto"`` (the default, also for ``""``), or ``"diagonal"`` or
         ``"lanes"``, optionally with channels per thread (``"lanes:2"``; 1
         or 2), or ``"slices"``, optionally with slices a block
-        (``"slices:8"``; 2, 4 or 8)."""
+        (``"slices:8"``; 2, 4 or 8), or ``"bands"``, optionally with rows
+        a band (``"bands:16"``; a positive integer, 32 when not named)."""
         kind, _, arg = (text or "auto").strip().partition(":")
         usage = (f"INVCONV_SOLVE_SCHEDULE must be auto, diagonal[:N] or lanes[:N] with N "
                  f"in {', '.join(map(str, SOLVE_CHANNELS))} channels a thread, or "
                  f"slices[:S] with S in {', '.join(map(str, SLICES_PER_BLOCK))} slices a "
-                 f"block; got {text!r}")
+                 f"block, or bands[:R] with R >= 1 rows a band; got {text!r}")
         if kind in REMOVED_SCHEDULES:
             raise ValueError(f"{usage}: {REMOVED_SCHEDULES[kind]}")
         if kind not in SCHEDULES or (kind == "auto" and arg):
@@ -206,6 +215,14 @@ class SolveSchedule:
             if slices not in SLICES_PER_BLOCK:
                 raise ValueError(usage)
             return cls(kind, slices=slices)
+        if kind == "bands":
+            try:
+                rows = int(arg) if arg else DEFAULT_BAND_ROWS
+            except ValueError:
+                raise ValueError(usage) from None
+            if rows < 1:
+                raise ValueError(usage)
+            return cls(kind, band_rows=rows)
         if not arg:
             return cls(kind)
         try:
@@ -455,6 +472,10 @@ class KernelOps:
         shared = used + (slice_bytes if slice_in_smem else 0)
         if self.schedule.kind == "slices":
             return self._slices(kernel + "_slices", rhs, prep, out, conv)
+        if self.schedule.kind == "bands":
+            done = self._bands(kernel + "_bands", rhs, prep, out, conv)
+            if done is not None:
+                return done     # else no band fits shared memory: the diagonal schedule
         lanes, per_thread = self.schedule.choice("adjoint" in kernel, cg, H, W)
         fn, max_threads = self._function(source, kernel, rhs.dtype, per_thread)
         if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
@@ -486,6 +507,45 @@ class KernelOps:
         params = kernel_params(rhs.shape, conv, kp_in_smem=int(kp_in_smem),
                                slice_in_smem=int(slice_in_smem), slices=per_block)
         fn((-(-B * conv.groups // per_block),), (block,), (rhs, prep, out, params),
+           shared_mem=shared)
+        return out
+
+    def _bands(self, kernel, rhs, prep, out, conv):
+        """The solves' "bands" schedule (kernels/solve_bands.cu): one block
+        a (slice, band) of R rows, bands pipelined a few steps apart. R is
+        raised to kh - 1 (the halo must lie in the band just above) and to
+        at most H, then halved while the band with its kh - 1 halo rows does
+        not fit shared memory; ``None`` when even R = max(kh - 1, 1) does not
+        fit (the caller falls back to the diagonal schedule)."""
+        B, C, H, W = rhs.shape
+        cg, item, lim = conv.group_channels, rhs.dtype.itemsize, self.limits
+        halo = conv.kh - 1
+        kp_bytes = conv.kh * conv.kw * cg * cg * item
+        kp_in_smem = 16 + kp_bytes <= lim.smem_bytes
+        used = 16 + (kp_bytes if kp_in_smem else 0)
+
+        def band_bytes(r):
+            return cg * (halo + r) * W * item
+
+        rows = min(max(self.schedule.band_rows, halo, 1), H)
+        floor = min(max(halo, 1), H)
+        while rows > floor and used + band_bytes(rows) > lim.smem_bytes:
+            rows = max(floor, rows // 2)
+        shared = used + band_bytes(rows)
+        if shared > lim.smem_bytes:
+            return None
+        bands = -(-H // rows)
+        slices = B * conv.groups
+        fn, max_threads = self._function("solve_bands.cu", kernel, rhs.dtype)
+        if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
+            fn.max_dynamic_shared_size_bytes = shared
+        diagonal = min(rows, W) * cg
+        block = self._block(max_threads, min(lim.max_block, max(32, -(-diagonal // 32) * 32)))
+        edge = self.xp.empty(max(1, slices * bands * cg * halo * W), dtype=rhs.dtype)
+        flags = self.xp.zeros(1 + slices * bands, dtype=np.int32)
+        params = kernel_params(rhs.shape, conv, kp_in_smem=int(kp_in_smem),
+                               band_rows=rows, bands=bands)
+        fn((slices * bands,), (block,), (rhs, prep, out, edge, flags, params),
            shared_mem=shared)
         return out
 
