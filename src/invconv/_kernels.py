@@ -136,7 +136,7 @@ SLICES_PER_BLOCK = (2, 4, 8)
 DEFAULT_SLICES = 4
 # Rows a band of schedule bands (bands:R) when none are named; the launcher
 # raises R to kh - 1 and halves it until a band with its halo fits shared
-# memory (1x3x1024x1024 float32 on an H200: R = 8, 120 KiB).
+# memory (band_plan; 1x3x1024x1024 float32 on an H200: R = 16, 216 KiB).
 DEFAULT_BAND_ROWS = 32
 # Schedules removed by measurement: what naming one says.
 REMOVED_SCHEDULES = {
@@ -174,6 +174,35 @@ def default_solve_choice(adjoint: bool, group_channels: int, H: int, W: int):
     if cg >= 12:
         return True, 1
     return False, 1
+
+
+def band_plan(band_rows: int, H: int, W: int, group_channels: int, kh: int, kw: int,
+              itemsize: int, smem_bytes: int):
+    """``(rows a band, K' table in shared memory, shared bytes)`` of schedule
+    ``bands:R`` for one solve, or ``None`` where no band fits.
+
+    R is raised to kh - 1 (a band's halo, the kh - 1 rows above it, must lie
+    in the band just above) and lowered to H, then halved (not below
+    max(kh - 1, 1)) while the band, cg x (kh - 1 + R) x W values, does not
+    fit in shared memory beside the 16-byte ticket and, where it fits too,
+    the group's K' table. E.g. 1x3x1024x1024 float32 (k = 3) with the
+    H200's 227 KiB: R = 32 does not fit, R = 16 takes 216 KiB.
+    """
+    cg, halo = group_channels, kh - 1
+    kp_bytes = kh * kw * cg * cg * itemsize
+    kp_in_smem = 16 + kp_bytes <= smem_bytes
+    used = 16 + (kp_bytes if kp_in_smem else 0)
+
+    def band_bytes(r):
+        return cg * (halo + r) * W * itemsize
+    rows = min(max(band_rows, halo, 1), H)
+    floor = min(max(halo, 1), H)
+    while rows > floor and used + band_bytes(rows) > smem_bytes:
+        rows = max(floor, rows // 2)
+    shared = used + band_bytes(rows)
+    if shared > smem_bytes:
+        return None
+    return rows, kp_in_smem, shared
 
 
 @dataclasses.dataclass(frozen=True)
@@ -512,28 +541,17 @@ class KernelOps:
 
     def _bands(self, kernel, rhs, prep, out, conv):
         """The solves' "bands" schedule (kernels/solve_bands.cu): one block
-        a (slice, band) of R rows, bands pipelined a few steps apart. R is
-        raised to kh - 1 (the halo must lie in the band just above) and to
-        at most H, then halved while the band with its kh - 1 halo rows does
-        not fit shared memory; ``None`` when even R = max(kh - 1, 1) does not
-        fit (the caller falls back to the diagonal schedule)."""
+        a (slice, band) of R rows, bands pipelined a few steps apart; R as
+        :func:`band_plan` picks it, ``None`` where no band fits shared
+        memory (the caller falls back to the diagonal schedule)."""
         B, C, H, W = rhs.shape
-        cg, item, lim = conv.group_channels, rhs.dtype.itemsize, self.limits
-        halo = conv.kh - 1
-        kp_bytes = conv.kh * conv.kw * cg * cg * item
-        kp_in_smem = 16 + kp_bytes <= lim.smem_bytes
-        used = 16 + (kp_bytes if kp_in_smem else 0)
-
-        def band_bytes(r):
-            return cg * (halo + r) * W * item
-
-        rows = min(max(self.schedule.band_rows, halo, 1), H)
-        floor = min(max(halo, 1), H)
-        while rows > floor and used + band_bytes(rows) > lim.smem_bytes:
-            rows = max(floor, rows // 2)
-        shared = used + band_bytes(rows)
-        if shared > lim.smem_bytes:
+        cg, lim = conv.group_channels, self.limits
+        plan = band_plan(self.schedule.band_rows, H, W, cg, conv.kh, conv.kw,
+                         rhs.dtype.itemsize, lim.smem_bytes)
+        if plan is None:
             return None
+        rows, kp_in_smem, shared = plan
+        halo = conv.kh - 1
         bands = -(-H // rows)
         slices = B * conv.groups
         fn, max_threads = self._function("solve_bands.cu", kernel, rhs.dtype)
