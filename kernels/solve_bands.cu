@@ -6,8 +6,8 @@
 // below), one block a band; a block walks its band's anti-diagonals with the
 // band's rows in shared memory and publishes after every step how many
 // columns of the band are complete; the band below waits only for the
-// columns it needs next, so bands run about R + 2 steps apart and the
-// critical path stays near H + W - 1 steps (plus R + 2 a band), not tile
+// columns it needs next, so bands run about R + 1 steps apart and the
+// critical path stays near H + W - 1 steps (plus about one a band), not tile
 // diagonals x tile steps as in the removed "tiled" schedule. The maths is
 // that of inv_conv_solve and inv_conv_solve_adjoint (forward.cu,
 // backward.cu) with one channel a thread. In a file of its own, compiled on
@@ -32,14 +32,20 @@
 //   d - lr) the last row, the slowest, is complete up to column d - rows + 1,
 //   so the band publishes min(max(d - rows + 2, 0), W), W at the end.
 // - A band passes on its last kh - 1 rows through `edge` (per (slice, band),
-//   cg x (kh-1) x W values): the threads that compute one write it, fence,
-//   and after the step's barrier thread 0 publishes the progress. The band
-//   below keeps the halo (those kh - 1 rows) in shared memory, one column
-//   ahead: during its step d it loads halo column d + 1 with __ldcg (from L2,
-//   never a stale L1 line), which thread 0 waited for (flag >= d + 2, then a
-//   fence) before the barrier that ends step d - 1. So a dependent step reads
-//   shared memory only, and the one global read a step (the flag) is off the
-//   band's own dependency chain.
+//   cg x (kh-1) x W values): the thread that computes a value there writes
+//   it; after the step's barrier one thread fences and publishes the
+//   progress (the pattern of a grid barrier: bar.sync, then one thread's
+//   fence and flag). The band below keeps the halo (those kh - 1 rows) in
+//   shared memory, one column ahead: during its step d it loads halo column
+//   d + 1 with __ldcg (from L2, never a stale L1 line), which thread 0 waited
+//   for (flag >= d + 2, then a fence) before the barrier that ends step
+//   d - 1. So a dependent step reads shared memory only; the step's global
+//   reads (its halo column, the flag) are issued before its arithmetic and
+//   consumed after it.
+// - Lag: band k computes local diagonal d once band k - 1 has published
+//   d + 2 columns, i.e. finished its local diagonal d + R; so bands run
+//   R + 1 steps apart (plus a fence and a flag's trip through L2) and a
+//   slice takes about H + W - 1 + bands steps.
 //
 // Arrays are contiguous (B, C, H, W); the scratch prep as in forward.cu.
 // Shape and launch choices as one IcParams (see common.cuh); p.band_rows = R,
@@ -141,18 +147,41 @@ __device__ __forceinline__ void ic_solve_bands(const T* __restrict__ rhs,
     }
     __syncthreads();
 
+    // Per step d: the publisher (the last thread, so that thread 0's wait
+    // and its own pixels do not queue behind its fence) publishes step d - 1
+    // (fence after the barrier, then the flag: the grid-barrier pattern, one
+    // fence a step for the block); every thread issues its share of halo
+    // column d + 1 into a register before computing and stores it after, so
+    // the L2 latency overlaps the step's arithmetic; thread 0 issues its read
+    // of the flag early too, and reads it again (spins) only while the
+    // progress it knows falls short of the next step's need.
+    const bool publisher = threadIdx.x == blockDim.x - 1;
+    int known = W < 2 ? W : 2;   // thread 0: progress seen (and fenced) so far
     const int steps = rows + W - 1;
     for (int d = 0; d < steps; ++d) {
-        // Step d - 1's edge values were fenced by their writers before the
-        // barrier that ended it.
-        if (threadIdx.x == 0 && passes && d > 0) {
-            const int done = d + 1 - rows;
-            atomicExch(progress, done < 0 ? 0 : (done > W ? W : done));
+        if (publisher && passes && d >= rows) {  // step d - 1 completed column d - rows
+            __threadfence();
+            atomicExch(progress, d + 1 - rows);
         }
-        if (waits) load_halo(d + 1);  // read from step d + 1 on; step d reads columns <= d
+        const int need = d + 3 < W ? d + 3 : W;  // halo column d + 2, loaded in step d + 1
+        const bool check = threadIdx.x == 0 && waits && known < need;
+        const int seen = check ? ic_load_flag(above) : known;
+        // Halo column d + 1, read from step d + 1 on (step d reads columns <= d).
+        const bool fetch = waits && d + 1 < W && threadIdx.x < halo * cg;
+        T pre = T(0);
+        if (fetch) {
+            const int ch = threadIdx.x / halo, q = threadIdx.x % halo;
+            pre = __ldcg(above_edge + ((long long)ch * halo + q) * W + d + 1);
+        }
+        if (waits && d + 1 < W) {   // the rest, where the block has fewer threads
+            for (int e = threadIdx.x + blockDim.x; e < halo * cg; e += blockDim.x) {
+                const int ch = e / halo, q = e % halo;
+                work[ch * plane + (long long)q * W + d + 1] =
+                    __ldcg(above_edge + ((long long)ch * halo + q) * W + d + 1);
+            }
+        }
         const int first = d - (W - 1) > 0 ? d - (W - 1) : 0;
         const int len = (d < rows - 1 ? d : rows - 1) - first + 1;
-        bool wrote = false;
         for (int e = threadIdx.x; e < len * cg; e += blockDim.x) {
             const int ch = e / len;
             const int lr = first + e % len, b = d - lr;
@@ -173,19 +202,24 @@ __device__ __forceinline__ void ic_solve_bands(const T* __restrict__ rhs,
                 }
             }
             *cell = acc;
-            if (passes && lr >= rows - halo) {
+            if (passes && lr >= rows - halo)
                 my_edge[((long long)ch * halo + lr - (rows - halo)) * W + b] = acc;
-                wrote = true;
-            }
         }
-        if (wrote) __threadfence();   // the edge values before the progress flag
-        if (threadIdx.x == 0 && waits) {  // halo column d + 2, loaded in step d + 1
-            IC_SPIN_UNTIL(ic_load_flag(above) >= (d + 3 < W ? d + 3 : W));
+        if (fetch) {
+            const int ch = threadIdx.x / halo, q = threadIdx.x % halo;
+            work[ch * plane + (long long)q * W + d + 1] = pre;
+        }
+        if (check) {
+            known = seen;
+            if (known < need) IC_SPIN_UNTIL((known = ic_load_flag(above)) >= need);
             __threadfence();
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0 && passes) atomicExch(progress, W);
+    if (publisher && passes) {
+        __threadfence();
+        atomicExch(progress, W);
+    }
 
     for (long long e = threadIdx.x; e < cg * area; e += blockDim.x) {
         const int ch = (int)(e / area);
