@@ -23,7 +23,12 @@ either with 1 or 2 channels a thread (``diagonal:2``: register tiling, each
 value read from the slice feeding two sums); ``slices``, several (image,
 group) slices a block walking their diagonals together, each thread on fixed
 (slice, channel, place) lanes (``slices:S``, S in 2, 4 or 8; for small
-slices at large batch; off by default until a GPU times it). The default,
+slices at large batch; off by default until a GPU times it); ``bands``,
+one block a band of R rows of a slice (``bands:R``, R = 32 when not named;
+kernels/solve_bands.cu), bands taken by atomic ticket and pipelined a few
+steps apart on per-band progress counters, for large images at small batch
+(off by default until a GPU times it; :func:`band_plan` picks R, and where
+no band fits shared memory the solve runs under ``diagonal``). The default,
 ``auto``, picks one per solve by the rule of :func:`default_solve_choice`,
 set from the H200
 graph-replay measurements of 2026-12-04 (``bench/README.md``, "Schedules
