@@ -123,13 +123,9 @@ __device__ __forceinline__ void ic_solve_bands(const T* __restrict__ rhs,
                 __ldcg(above_edge + ((long long)ch * halo + q) * W + col);
         }
     };
-    if (threadIdx.x == 0 && waits) {  // halo columns 0 and 1
-        IC_SPIN_UNTIL(ic_load_flag(above) >= (W < 2 ? W : 2));
-        __threadfence();
-    }
-    __syncthreads();  // kp, and thread 0's wait
-    if (waits) load_halo(0);
-    // The band's right-hand side: L^-1 y (forward) or grad_x (adjoint).
+    __syncthreads();  // kp
+    // The band's right-hand side, L^-1 y (forward) or grad_x (adjoint),
+    // before any wait: every band loads its own at once.
     const long long area = (long long)rows * W;
     for (long long e = threadIdx.x; e < cg * area; e += blockDim.x) {
         const int ch = (int)(e / area);
@@ -145,6 +141,12 @@ __device__ __forceinline__ void ic_solve_bands(const T* __restrict__ rhs,
         }
         work[ch * plane + (long long)(lr + halo) * W + b] = acc;
     }
+    if (threadIdx.x == 0 && waits) {  // halo columns 0 and 1
+        IC_SPIN_UNTIL(ic_load_flag(above) >= (W < 2 ? W : 2));
+        __threadfence();
+    }
+    __syncthreads();  // thread 0's wait
+    if (waits) load_halo(0);
     __syncthreads();
 
     // Per step d: the publisher (the last thread, so that thread 0's wait
