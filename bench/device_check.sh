@@ -91,8 +91,9 @@ step() {
 
 # The schedules the defaults do not pick (see src/invconv/_kernels.py): the
 # solves' default "auto" picks among diagonal, lanes and diagonal:2 by shape;
-# slices[:S] is new and untimed.
-schedules=${INVCONV_CHECK_SCHEDULES-diagonal,lanes,diagonal:2,lanes:2,slices:2,slices,slices:8}
+# slices[:S] and bands[:R] (bands of R rows pipelined over many SMs, for
+# large images at small batch: 1x3x1024x1024) are new and untimed.
+schedules=${INVCONV_CHECK_SCHEDULES-diagonal,lanes,diagonal:2,lanes:2,slices:2,slices,slices:8,bands:8,bands}
 conv_schedules=${INVCONV_CHECK_CONV_SCHEDULES-direct,smem:2,smem:4}
 if python3 -c "import xdist" 2>/dev/null; then parallel=(-n 6); else parallel=(); fi
 pytest_gpu=(python3 -m pytest -q -m gpu -p no:cacheprovider)

@@ -13,10 +13,14 @@
 //  4. Inside a block only __syncthreads() synchronises, and every thread of
 //     the block reaches every __syncthreads() (barrier loops have
 //     block-uniform bounds). No warp shuffles, votes, __syncwarp, cooperative
-//     groups, spin-waits, and nothing that depends on the warp size or on threads
-//     running in lockstep: the emulator runs a block's threads as fibers
-//     switched at barriers (or as OS threads under its ThreadSanitizer race
-//     check), and a grid's blocks one after another, in either order.
+//     groups, spin-waits on other threads of the block, and nothing that
+//     depends on the warp size or on threads running in lockstep: the
+//     emulator runs a block's threads as fibers switched at barriers (or as
+//     OS threads under its ThreadSanitizer race check), and a grid's blocks
+//     one after another, in either order. Between blocks: one thread may wait
+//     (IC_SPIN_UNTIL) for a flag that a block holding an earlier ticket of an
+//     atomic counter sets, never for one that a later block sets; only the
+//     band solves (solve_bands.cu) do.
 //  5. Kernel arguments are pointers, one IcParams (below) and, where needed,
 //     a float of type T; sizes and offsets that can pass 2^31 are computed in
 //     long long.
@@ -55,6 +59,7 @@ struct IcParams {
     int lanes;               // solves: threads own fixed (channel, place) lanes
     int w_in_smem;           // convolutions, schedule smem: the slab's weights sit in shared memory
     int slices;              // solves, schedule slices: (image, group) slices a block
+    int band_rows, bands;    // solves, schedule bands: rows a band, bands a slice
 
     // Weight tap index (u, v) of offset (du, dv).
     __device__ __forceinline__ int tap_u(int du) const { return rs > 0 ? kh - 1 - du : du; }

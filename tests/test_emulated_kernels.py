@@ -388,7 +388,7 @@ def test_conv_schedule_matches_reference(schedule, limits, monkeypatch):
     assert set(staged) - {None} == ({0} if limits.get("smem_bytes") == 0 else {1})
 
 
-@pytest.mark.parametrize("schedule", ["auto", "lanes:2", "slices", "direct", "smem:4"])
+@pytest.mark.parametrize("schedule", ["auto", "lanes:2", "slices", "bands:2", "direct", "smem:4"])
 @pytest.mark.parametrize("op", ["conv2d", "inv_conv2d", "conv2d_vjp", "inv_conv2d_vjp"])
 def test_launch_count_does_not_grow_with_the_image(op, schedule):
     rng = np.random.default_rng(0)

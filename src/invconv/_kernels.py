@@ -23,7 +23,12 @@ either with 1 or 2 channels a thread (``diagonal:2``: register tiling, each
 value read from the slice feeding two sums); ``slices``, several (image,
 group) slices a block walking their diagonals together, each thread on fixed
 (slice, channel, place) lanes (``slices:S``, S in 2, 4 or 8; for small
-slices at large batch; off by default until a GPU times it). The default,
+slices at large batch; off by default until a GPU times it); ``bands``,
+one block a band of R rows of a slice (``bands:R``, R = 32 when not named;
+kernels/solve_bands.cu), bands taken by atomic ticket and pipelined a few
+steps apart on per-band progress counters, for large images at small batch
+(off by default until a GPU times it; :func:`band_plan` picks R, and where
+no band fits shared memory the solve runs under ``diagonal``). The default,
 ``auto``, picks one per solve by the rule of :func:`default_solve_choice`,
 set from the H200
 graph-replay measurements of 2026-12-04 (``bench/README.md``, "Schedules
@@ -69,6 +74,8 @@ KERNELS = {
                     "conv_weight_grad_partial", "conv_weight_grad_combine"),
     # The solves' "slices" schedule (off by default), compiled on first use.
     "solve_slices.cu": ("inv_conv_solve_slices", "inv_conv_solve_adjoint_slices"),
+    # The solves' "bands" schedule (off by default), compiled on first use.
+    "solve_bands.cu": ("inv_conv_solve_bands", "inv_conv_solve_adjoint_bands"),
     # The convolutions' "smem" schedule (the default), compiled on first use.
     "conv_smem.cu": ("masked_conv_forward_smem", "masked_conv_adjoint_smem"),
     # The fused spline of flows.SplineActivation (launched by invconv._spline).
@@ -108,7 +115,8 @@ def conv_channels_per_thread(group_channels: int) -> int:
 
 # The members of IcParams (kernels/common.cuh), in order; all int32.
 PARAM_FIELDS = ("B", "C", "H", "W", "G", "cg", "kh", "kw", "rs", "cs", "unit",
-                "kp_in_smem", "slice_in_smem", "nsplit", "lanes", "w_in_smem", "slices")
+                "kp_in_smem", "slice_in_smem", "nsplit", "lanes", "w_in_smem", "slices",
+                "band_rows", "bands")
 PARAMS_DTYPE = np.dtype([(name, np.int32) for name in PARAM_FIELDS])
 
 
@@ -129,11 +137,15 @@ def kernel_params(shape, conv: Conv, **choices) -> np.ndarray:
     return params
 
 
-SCHEDULES = ("auto", "diagonal", "lanes", "slices")
+SCHEDULES = ("auto", "diagonal", "lanes", "slices", "bands")
 # (image, group) slices a block of schedule slices (slices:S); 4 when none
 # are named.
 SLICES_PER_BLOCK = (2, 4, 8)
 DEFAULT_SLICES = 4
+# Rows a band of schedule bands (bands:R) when none are named; the launcher
+# raises R to kh - 1 and halves it until a band with its halo fits shared
+# memory (band_plan; 1x3x1024x1024 float32 on an H200: R = 16, 216 KiB).
+DEFAULT_BAND_ROWS = 32
 # Schedules removed by measurement: what naming one says.
 REMOVED_SCHEDULES = {
     "tiled": "the tiled schedule was removed: it took 1.14-1.98x the time of diagonal at "
@@ -172,6 +184,35 @@ def default_solve_choice(adjoint: bool, group_channels: int, H: int, W: int):
     return False, 1
 
 
+def band_plan(band_rows: int, H: int, W: int, group_channels: int, kh: int, kw: int,
+              itemsize: int, smem_bytes: int):
+    """``(rows a band, K' table in shared memory, shared bytes)`` of schedule
+    ``bands:R`` for one solve, or ``None`` where no band fits.
+
+    R is raised to kh - 1 (a band's halo, the kh - 1 rows above it, must lie
+    in the band just above) and lowered to H, then halved (not below
+    max(kh - 1, 1)) while the band, cg x (kh - 1 + R) x W values, does not
+    fit in shared memory beside the 16-byte ticket and, where it fits too,
+    the group's K' table. E.g. 1x3x1024x1024 float32 (k = 3) with the
+    H200's 227 KiB: R = 32 does not fit, R = 16 takes 216 KiB.
+    """
+    cg, halo = group_channels, kh - 1
+    kp_bytes = kh * kw * cg * cg * itemsize
+    kp_in_smem = 16 + kp_bytes <= smem_bytes
+    used = 16 + (kp_bytes if kp_in_smem else 0)
+
+    def band_bytes(r):
+        return cg * (halo + r) * W * itemsize
+    rows = min(max(band_rows, halo, 1), H)
+    floor = min(max(halo, 1), H)
+    while rows > floor and used + band_bytes(rows) > smem_bytes:
+        rows = max(floor, rows // 2)
+    shared = used + band_bytes(rows)
+    if shared > smem_bytes:
+        return None
+    return rows, kp_in_smem, shared
+
+
 @dataclasses.dataclass(frozen=True)
 class SolveSchedule:
     """How the solves are scheduled (see the module docstring)."""
@@ -179,6 +220,7 @@ class SolveSchedule:
     kind: str = "auto"
     channels: int = 1          # per thread; schedule auto picks its own
     slices: int = 1            # a block; schedule slices only
+    band_rows: int = 0         # rows a band (most); schedule bands only
 
     def choice(self, adjoint: bool, group_channels: int, H: int, W: int):
         """``(lanes, channels a thread)`` for one solve."""
@@ -191,12 +233,13 @@ class SolveSchedule:
         """``"auto"`` (the default, also for ``""``), or ``"diagonal"`` or
         ``"lanes"``, optionally with channels per thread (``"lanes:2"``; 1
         or 2), or ``"slices"``, optionally with slices a block
-        (``"slices:8"``; 2, 4 or 8)."""
+        (``"slices:8"``; 2, 4 or 8), or ``"bands"``, optionally with rows
+        a band (``"bands:16"``; a positive integer, 32 when not named)."""
         kind, _, arg = (text or "auto").strip().partition(":")
         usage = (f"INVCONV_SOLVE_SCHEDULE must be auto, diagonal[:N] or lanes[:N] with N "
                  f"in {', '.join(map(str, SOLVE_CHANNELS))} channels a thread, or "
                  f"slices[:S] with S in {', '.join(map(str, SLICES_PER_BLOCK))} slices a "
-                 f"block; got {text!r}")
+                 f"block, or bands[:R] with R >= 1 rows a band; got {text!r}")
         if kind in REMOVED_SCHEDULES:
             raise ValueError(f"{usage}: {REMOVED_SCHEDULES[kind]}")
         if kind not in SCHEDULES or (kind == "auto" and arg):
@@ -209,6 +252,14 @@ class SolveSchedule:
             if slices not in SLICES_PER_BLOCK:
                 raise ValueError(usage)
             return cls(kind, slices=slices)
+        if kind == "bands":
+            try:
+                rows = int(arg) if arg else DEFAULT_BAND_ROWS
+            except ValueError:
+                raise ValueError(usage) from None
+            if rows < 1:
+                raise ValueError(usage)
+            return cls(kind, band_rows=rows)
         if not arg:
             return cls(kind)
         try:
@@ -458,6 +509,10 @@ class KernelOps:
         shared = used + (slice_bytes if slice_in_smem else 0)
         if self.schedule.kind == "slices":
             return self._slices(kernel + "_slices", rhs, prep, out, conv)
+        if self.schedule.kind == "bands":
+            done = self._bands(kernel + "_bands", rhs, prep, out, conv)
+            if done is not None:
+                return done     # else no band fits shared memory: the diagonal schedule
         lanes, per_thread = self.schedule.choice("adjoint" in kernel, cg, H, W)
         fn, max_threads = self._function(source, kernel, rhs.dtype, per_thread)
         if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
@@ -489,6 +544,34 @@ class KernelOps:
         params = kernel_params(rhs.shape, conv, kp_in_smem=int(kp_in_smem),
                                slice_in_smem=int(slice_in_smem), slices=per_block)
         fn((-(-B * conv.groups // per_block),), (block,), (rhs, prep, out, params),
+           shared_mem=shared)
+        return out
+
+    def _bands(self, kernel, rhs, prep, out, conv):
+        """The solves' "bands" schedule (kernels/solve_bands.cu): one block
+        a (slice, band) of R rows, bands pipelined a few steps apart; R as
+        :func:`band_plan` picks it, ``None`` where no band fits shared
+        memory (the caller falls back to the diagonal schedule)."""
+        B, C, H, W = rhs.shape
+        cg, lim = conv.group_channels, self.limits
+        plan = band_plan(self.schedule.band_rows, H, W, cg, conv.kh, conv.kw,
+                         rhs.dtype.itemsize, lim.smem_bytes)
+        if plan is None:
+            return None
+        rows, kp_in_smem, shared = plan
+        halo = conv.kh - 1
+        bands = -(-H // rows)
+        slices = B * conv.groups
+        fn, max_threads = self._function("solve_bands.cu", kernel, rhs.dtype)
+        if shared > 48 * 1024:   # CUDA needs an opt-in past 48 KiB
+            fn.max_dynamic_shared_size_bytes = shared
+        diagonal = min(rows, W) * cg
+        block = self._block(max_threads, min(lim.max_block, max(32, -(-diagonal // 32) * 32)))
+        edge = self.xp.empty(max(1, slices * bands * cg * halo * W), dtype=rhs.dtype)
+        flags = self.xp.zeros(1 + slices * bands, dtype=np.int32)
+        params = kernel_params(rhs.shape, conv, kp_in_smem=int(kp_in_smem),
+                               band_rows=rows, bands=bands)
+        fn((slices * bands,), (block,), (rhs, prep, out, edge, flags, params),
            shared_mem=shared)
         return out
 
